@@ -33,6 +33,9 @@ class RopeConfig:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -146,10 +149,10 @@ def rope_from_hf(cfg: Mapping[str, Any]) -> RopeConfig:
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     known = {f.name for f in fields(RopeConfig)} - {"theta", "rope_type"}
     kwargs = {k: v for k, v in params.items() if k in known and v is not None}
-    if rope_type == "yarn" and "original_max_position_embeddings" not in kwargs:
-        orig = cfg.get("max_position_embeddings")
-        if orig is not None and "factor" in kwargs:
-            kwargs["original_max_position_embeddings"] = int(orig / kwargs["factor"])
+    if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in kwargs:
+        # HF falls back to the model's own context length when the scaling block omits it.
+        if cfg.get("max_position_embeddings") is not None:
+            kwargs["original_max_position_embeddings"] = int(cfg["max_position_embeddings"])
     return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
 
 

@@ -1,0 +1,127 @@
+"""Attention entry points of the model: the one place a backend (torch or Triton) is chosen.
+
+- `dense_attention`: a chunk of queries per row over that row's cache (prefill, rectification,
+  dense decode).
+- `plan_sparse` + `sparse_decode_attention`: one decode query per row over the blocks GBSA selects.
+
+The torch backend is exact fp32 math (CPU, and the fallback everywhere); the Triton backend is used
+on CUDA devices when `resa.kernels` is importable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import Span
+from .config import ResaConfig
+from .ref.attention import sparse_decode_ref
+from .ref.selection import block_budget, select_blocks_ref
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA when the kernels import, else "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            from . import kernels  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError("the triton attention backend needs a CUDA device; use backend='torch' on CPU")
+    return backend
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> torch.Tensor:
+    """Causal attention of the span's queries over each row's cache.
+
+    q: [B, H, T, D] (query t of row b at position span.start[b] + t); k, v: [B, HKV, Nmax, D] with
+    the span already written. Query t of row b sees keys j <= start[b] + t, j < span.end[b].
+    Returns [B, H, T, D] in q's dtype. Only slots < span.end[b] are read.
+    """
+    B, H, T, D = q.shape
+    ends = span.end
+    n_keys = max(ends)
+    kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
+    pos_j = torch.arange(n_keys, device=q.device)
+    pos_q = span.start_t[:, None] + torch.arange(T, device=q.device)[None, :]
+    allowed = (pos_j[None, None, :] <= pos_q[:, :, None]) & (pos_j[None, None, :] < span.end_t[:, None, None])
+    if min(ends) < n_keys:
+        # Ragged rows: slots past a row's end may hold anything; they must not reach the output.
+        key_ok = (pos_j[None, :] < span.end_t[:, None])[:, None, :, None]
+        kk = torch.where(key_ok, kk, torch.zeros((), dtype=kk.dtype, device=kk.device))
+        vv = torch.where(key_ok, vv, torch.zeros((), dtype=vv.dtype, device=vv.device))
+    return F.scaled_dot_product_attention(
+        q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=allowed[:, None], enable_gqa=H != k.shape[1]
+    )
+
+
+@dataclass
+class SparsePlan:
+    """The blocks each (row, KV head) attends to in one decode step, shared by all layers' shapes.
+
+    block_table: [B, HKV, S] int32, ascending block ids then -1; num_selected: [B] int32.
+    """
+
+    block_table: torch.Tensor
+    num_selected: torch.Tensor
+
+
+def num_slots(capacity_blocks: int, resa: ResaConfig) -> int:
+    """Fixed block-table width: the budget of a row filling the whole cache (budgets only grow
+    with length)."""
+    return block_budget(capacity_blocks, resa.active_ratio, resa.min_blocks)
+
+
+def plan_sparse(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    lengths: torch.Tensor,
+    resa: ResaConfig,
+    backend: str = "torch",
+) -> SparsePlan:
+    """Select blocks for one decode step of one layer (DESIGN.md 1.2 steps 2-6).
+
+    q: [B, H, D] post-RoPE queries; kmin, kmax: [B, HKV, NBmax, D]; lengths: [B] (current token
+    included). The table has num_slots(NBmax) columns.
+    """
+    slots = num_slots(kmin.shape[2], resa)
+    kwargs = dict(block_size=resa.block_size, active_ratio=resa.active_ratio,
+                  min_blocks=resa.min_blocks, local_blocks=resa.local_blocks, num_slots=slots)
+    if backend == "triton":
+        from .kernels import select_blocks
+
+        table, n = select_blocks(q, kmin, kmax, lengths, **kwargs)
+    else:
+        table, n = select_blocks_ref(q, kmin, kmax, lengths, **kwargs)
+    return SparsePlan(table, n)
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    plan: SparsePlan,
+    block_size: int,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Attention of one query per row over the planned blocks.
+
+    q: [B, H, D]; k, v: [B, HKV, Nmax, D]; lengths: [B] (current token included).
+    Returns [B, H, D] in q's dtype.
+    """
+    if backend == "triton":
+        from .kernels import sparse_decode
+
+        return sparse_decode(q, k, v, lengths, plan.block_table, block_size)
+    return sparse_decode_ref(q, k, v, lengths, plan.block_table, block_size).to(q.dtype)

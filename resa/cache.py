@@ -1,0 +1,157 @@
+"""Static KV cache with per-row lengths and per-block key min/max summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one forward pass writes in each row of the cache.
+
+    Row b gets `n_valid[b]` new tokens at positions start[b] .. start[b] + n_valid[b] - 1 (inputs
+    are padded to T columns; columns >= n_valid[b] are ignored). After the pass row b holds exactly
+    start[b] + n_valid[b] tokens: writes always end at the end of a row (append, or overwrite of the
+    newest tokens during rectification).
+    Host tuples drive the loops; the device tensors feed kernels without a host sync.
+    """
+
+    start: tuple[int, ...]
+    n_valid: tuple[int, ...]
+    width: int
+    start_t: torch.Tensor
+    n_valid_t: torch.Tensor
+
+    @classmethod
+    def make(cls, start: list[int], n_valid: list[int], width: int, device: torch.device | str) -> "Span":
+        if len(start) != len(n_valid):
+            raise ValueError("start and n_valid need one entry per row")
+        if any(n < 0 or n > width for n in n_valid) or any(s < 0 for s in start):
+            raise ValueError(f"invalid span: start={start}, n_valid={n_valid}, width={width}")
+        return cls(
+            tuple(start), tuple(n_valid), width,
+            torch.tensor(start, dtype=torch.int64, device=device),
+            torch.tensor(n_valid, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def end(self) -> tuple[int, ...]:
+        """Row lengths after the pass."""
+        return tuple(s + n for s, n in zip(self.start, self.n_valid))
+
+    @property
+    def end_t(self) -> torch.Tensor:
+        return self.start_t + self.n_valid_t
+
+
+class KVCache:
+    """Preallocated K/V for every layer plus block summaries.
+
+    k, v: [L, B, HKV, Nmax, D]; kmin, kmax: [L, B, HKV, NBmax, D] with NBmax = ceil(Nmax / BS),
+    the element-wise min/max of the post-RoPE keys of each block of BS tokens (the last block of a
+    row may be partial: its summary covers only the written tokens). lengths: [B] tokens per row.
+    With poison=True every buffer starts as NaN, so reading an unwritten slot shows up in tests.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        poison: bool = False,
+    ) -> None:
+        if capacity < 1 or batch < 1:
+            raise ValueError(f"cache needs capacity >= 1 and batch >= 1, got {capacity}, {batch}")
+        self.block_size = block_size
+        self.capacity = capacity
+        self.num_blocks = -(-capacity // block_size)
+        fill = float("nan") if poison else 0.0
+        kv_shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        sum_shape = (num_layers, batch, num_kv_heads, self.num_blocks, head_dim)
+        self.k = torch.full(kv_shape, fill, dtype=dtype, device=device)
+        self.v = torch.full(kv_shape, fill, dtype=dtype, device=device)
+        self.kmin = torch.full(sum_shape, fill, dtype=dtype, device=device)
+        self.kmax = torch.full(sum_shape, fill, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.host_lengths = [0] * batch
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def bytes(self) -> int:
+        """Bytes held by K, V and the summaries."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
+
+    def check_span(self, span: Span) -> None:
+        """Raise if the span writes past the capacity or leaves a gap after a row's tokens."""
+        for b, (s, e) in enumerate(zip(span.start, span.end)):
+            if e > self.capacity:
+                raise ValueError(f"row {b} needs {e} cache slots but the cache holds {self.capacity}")
+            if s > self.host_lengths[b]:
+                raise ValueError(f"row {b}: write at {s} would leave a gap after {self.host_lengths[b]} tokens")
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, span: Span) -> None:
+        """Store the span's keys/values of one layer and bring that layer's summaries up to date.
+
+        k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written).
+        A single appended token updates its block summary incrementally; longer writes refresh
+        exactly the blocks they touch.
+        """
+        k_l, v_l = self.k[layer], self.v[layer]
+        if all(n == span.width for n in span.n_valid) and len(set(span.start)) == 1:
+            s = span.start[0]
+            k_l[:, :, s:s + span.width] = k_new
+            v_l[:, :, s:s + span.width] = v_new
+        else:
+            for b, (s, n) in enumerate(zip(span.start, span.n_valid)):
+                if n:
+                    k_l[b, :, s:s + n] = k_new[b, :, :n]
+                    v_l[b, :, s:s + n] = v_new[b, :, :n]
+        if span.width == 1:
+            self._append_summary(layer, k_new[:, :, 0], span)
+        else:
+            self.refresh_summaries(layer, span.start, span.end)
+
+    def _append_summary(self, layer: int, k_tok: torch.Tensor, span: Span) -> None:
+        """Incremental update for one new token per row: min/max with the block's summary, or the
+        token itself when it opens a new block. k_tok: [B, HKV, D]."""
+        bs = self.block_size
+        for b, (s, n) in enumerate(zip(span.start, span.n_valid)):
+            if not n:
+                continue
+            blk = s // bs
+            if s % bs == 0:
+                self.kmin[layer, b, :, blk] = k_tok[b]
+                self.kmax[layer, b, :, blk] = k_tok[b]
+            else:
+                torch.minimum(self.kmin[layer, b, :, blk], k_tok[b], out=self.kmin[layer, b, :, blk])
+                torch.maximum(self.kmax[layer, b, :, blk], k_tok[b], out=self.kmax[layer, b, :, blk])
+
+    def refresh_summaries(self, layer: int, start: tuple[int, ...], end: tuple[int, ...]) -> None:
+        """Recompute the summaries of exactly the blocks that positions [start[b], end[b]) touch,
+        from the keys at positions < end[b] (the row's length after the write)."""
+        bs = self.block_size
+        for b, (s, e) in enumerate(zip(start, end)):
+            if e <= s:
+                continue
+            b0, b1 = s // bs, -(-e // bs)
+            keys = self.k[layer, b, :, b0 * bs:e]
+            pad = b1 * bs - e
+            kmin = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("inf"))
+            kmax = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf"))
+            hkv, d = keys.shape[0], keys.shape[-1]
+            self.kmin[layer, b, :, b0:b1] = kmin.view(hkv, b1 - b0, bs, d).amin(dim=2)
+            self.kmax[layer, b, :, b0:b1] = kmax.view(hkv, b1 - b0, bs, d).amax(dim=2)
+
+    def commit(self, span: Span) -> None:
+        """Record the row lengths after a forward pass over `span` (called once, after all layers)."""
+        self.host_lengths = list(span.end)
+        self.lengths.copy_(span.end_t)

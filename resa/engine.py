@@ -1,0 +1,315 @@
+"""Generation engine: dense chunked prefill, sparse decode steps, rectification cadence.
+
+All rows of a batch generate in lock-step (token t of every row in the same step), so one
+rectification schedule serves the whole batch; prompts may differ in length.
+
+Rectification (DESIGN.md 1.3), for f = rectify_every and generated tokens numbered from 0:
+- paper: after sampling token t (t > 0, t % f == 0) tokens t-f .. t-1 are re-run densely and their
+  K/V overwritten; token t is then fed by a sparse step.
+- fused: tokens are fed sparsely except when t % f == f - 1, where one dense pass over tokens
+  t-f+1 .. t rewrites the f-1 sparse-made entries, writes token t and gives the next logits.
+Both rectify the same windows of f tokens; fused saves one forward per window.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .cache import KVCache, Span
+from .config import ResaConfig
+from .model import Transformer
+from .ref.selection import block_budget
+from .sampling import SamplingConfig, make_generator, sample
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the requested new tokens) does not fit the model's context."""
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    rectify_variant: str
+    prompt_tokens: list[int]
+    new_tokens: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    rectifications: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    kv_tokens_read: int = 0
+    kv_tokens_dense: int = 0
+
+    @property
+    def kv_read_fraction(self) -> float:
+        """K/V bytes the decode attention read (selected blocks + block summaries + rectification
+        passes) over what dense decoding would have read."""
+        return self.kv_tokens_read / self.kv_tokens_dense if self.kv_tokens_dense else 1.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (all rows) per second of decoding."""
+        total = sum(self.new_tokens)
+        return total / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        variant = f" ({self.rectify_variant})" if self.mode == "resa" else ""
+        return (
+            f"mode={self.mode}{variant} prompt_tokens={sum(self.prompt_tokens)} "
+            f"new_tokens={sum(self.new_tokens)} decode={self.tokens_per_second:.1f} tok/s "
+            f"prefill={self.prefill_seconds:.2f}s kv_read={self.kv_read_fraction:.3f} "
+            f"rectifications={self.rectifications}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+
+TextCallback = Callable[[int, str], None]
+
+
+class Engine:
+    """Runs a `Transformer` with a `KVCache`: the one code path for generation and evaluation."""
+
+    def __init__(self, model: Transformer, tokenizer=None, poison_cache: bool = False) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.poison_cache = poison_cache
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @classmethod
+    def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+             backend: str = "auto") -> "Engine":
+        """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)."""
+        from .default_model import default_model_path
+        from .loader import load_checkpoint
+
+        ckpt = load_checkpoint(path if path is not None else default_model_path())
+        dev = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        with torch.device("meta"):
+            model = Transformer(ckpt.config, backend=backend)
+        model = model.to_empty(device=dev).to(dtype)
+        model.load_weights(ckpt.tensors)
+        model.eval()
+        return cls(model, ckpt.tokenizer)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.max_position_embeddings
+
+    # ---- primitives (also used by the evaluation harness) ----
+
+    def new_cache(self, batch: int, capacity: int, block_size: int) -> KVCache:
+        cfg = self.model.cfg
+        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, block_size,
+                       dtype=self.dtype, device=self.device, poison=self.poison_cache)
+
+    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]], chunk: int) -> torch.Tensor:
+        """Dense, chunked prefill of one prompt per row into an empty cache.
+        Returns the fp32 logits [B, V] of each row's last prompt token."""
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise ValueError("every prompt needs at least one token")
+        B, longest = len(prompts), max(lens)
+        ids = torch.zeros(B, longest, dtype=torch.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(list(p), dtype=torch.int64)
+        ids = ids.to(self.device)
+        last = [None] * B
+        for c0 in range(0, longest, chunk):
+            width = min(chunk, longest - c0)
+            start = [min(c0, n) for n in lens]
+            n_valid = [max(0, min(n - c0, width)) for n in lens]
+            span = Span.make(start, n_valid, width, self.device)
+            hidden = self.model(ids[:, c0:c0 + width], cache, span)
+            for b, n in enumerate(lens):
+                if c0 <= n - 1 < c0 + width:
+                    last[b] = hidden[b, n - 1 - c0]
+        return self.model.logits(torch.stack(last))
+
+    def step(self, cache: KVCache, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
+        """Feed one token per row (tokens [B]) at the end of each row; resa=None (or a dense
+        config) attends densely, otherwise block-sparse. Returns fp32 logits [B, V]."""
+        sparse = None if resa is None or resa.is_dense else resa
+        span = Span.make(list(cache.host_lengths), [1] * cache.batch, 1, self.device)
+        hidden = self.model(tokens.view(-1, 1).to(self.device), cache, span, sparse=sparse)
+        return self.model.logits(hidden[:, -1])
+
+    def dense_window(self, cache: KVCache, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+        """Dense pass over tokens [B, W] whose first `overwrite` entries are already the newest
+        `overwrite` tokens of every row (their K/V is rewritten) and the rest are appended.
+        Returns fp32 logits [B, V] of the last position."""
+        B, W = tokens.shape
+        start = [n - overwrite for n in cache.host_lengths]
+        if min(start) < 0:
+            raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding fewer")
+        span = Span.make(start, [W] * B, W, self.device)
+        hidden = self.model(tokens.to(self.device), cache, span)
+        return self.model.logits(hidden[:, -1])
+
+    # ---- generation ----
+
+    def encode(self, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass token ids to generate_ids")
+        out = []
+        for p in prompts:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p
+            out.append(self.tokenizer.encode(text))
+        return out
+
+    def generate(self, prompts: Sequence[str], *, chat: bool = False, stop: Sequence[str] = (),
+                 on_text: TextCallback | None = None, **kwargs) -> GenerationResult:
+        """Generate for a batch of text prompts; see `generate_ids` for the settings.
+        on_text(row, piece) receives decoded text as it is produced."""
+        from .tokenizer import StreamDecoder
+
+        prompt_ids = self.encode(list(prompts), chat)
+        decoders = [StreamDecoder(self.tokenizer) for _ in prompt_ids]
+        texts = [""] * len(prompt_ids)
+        stopped = [False] * len(prompt_ids)
+
+        def on_token(row: int, token: int) -> bool:
+            piece = decoders[row].push(token)
+            before = len(texts[row])
+            texts[row] += piece
+            hit = _find_stop(texts[row], stop, before)
+            if hit is not None:
+                piece = texts[row][before:hit]
+                texts[row] = texts[row][:hit]
+                stopped[row] = True
+            if on_text is not None and piece:
+                on_text(row, piece)
+            return hit is not None
+
+        result = self.generate_ids(prompt_ids, on_token=on_token, **kwargs)
+        for row, ids in enumerate(result.token_ids):
+            if stopped[row]:
+                result.finish_reasons[row] = "stop"
+            else:
+                texts[row] = self.tokenizer.decode(ids)
+        result.texts = texts
+        return result
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        resa: ResaConfig = ResaConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        max_new_tokens: int = 128,
+        eos_token_ids: Sequence[int] | None = None,
+        on_token: Callable[[int, int], bool] | None = None,
+    ) -> GenerationResult:
+        """Generate up to max_new_tokens per row. on_token(row, id) may return True to stop a row.
+        Rows stop at an EOS id (default: the tokenizer's/model's); a finished row's output ends
+        there while the other rows go on."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        lens = [len(p) for p in prompt_ids]
+        if not lens:
+            raise ValueError("no prompts given")
+        need = max(lens) + max_new_tokens
+        if need > self.context_length:
+            raise PromptTooLongError(
+                f"prompt of {max(lens)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                f"context of {self.context_length} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if eos_token_ids is None:
+            eos_token_ids = self._default_eos()
+        eos = set(eos_token_ids)
+        B = len(prompt_ids)
+        stats = GenerationStats(resa.mode if not resa.is_dense else "dense", resa.rectify_variant, lens)
+        cache = self.new_cache(B, need, resa.block_size)
+        gen = make_generator(sampling, self.device)
+
+        t0 = _now(self.device)
+        logits = self.prefill(cache, prompt_ids, resa.prefill_chunk)
+        t1 = _now(self.device)
+        stats.prefill_seconds = t1 - t0
+
+        history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=self.device)
+        outputs: list[list[int]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        done = [False] * B
+        f = resa.rectify_every
+        sparse_cfg = None if resa.is_dense else resa
+        for t in range(max_new_tokens):
+            token = sample(logits, sampling, gen)
+            history[:, t] = token
+            for b, tok in enumerate(token.tolist()):
+                if done[b]:
+                    continue
+                if tok in eos:
+                    done[b], reasons[b] = True, "eos"
+                    continue
+                outputs[b].append(tok)
+                if on_token is not None and on_token(b, tok):
+                    done[b], reasons[b] = True, "stop"
+            if all(done) or t == max_new_tokens - 1:
+                break
+            dense_reads = sum(cache.host_lengths) + B
+            if resa.rectifies and resa.rectify_variant == "paper" and t > 0 and t % f == 0:
+                self.dense_window(cache, history[:, t - f:t], overwrite=f)
+                stats.rectifications += 1
+                stats.kv_tokens_read += sum(cache.host_lengths)
+            if resa.rectifies and resa.rectify_variant == "fused" and t % f == f - 1:
+                logits = self.dense_window(cache, history[:, t - f + 1:t + 1], overwrite=f - 1)
+                stats.rectifications += 1
+                stats.kv_tokens_read += dense_reads
+            else:
+                logits = self.step(cache, token, sparse_cfg)
+                stats.kv_tokens_read += self._step_reads(cache.host_lengths, sparse_cfg)
+            stats.kv_tokens_dense += dense_reads
+            stats.decode_steps += 1
+        stats.decode_seconds = _now(self.device) - t1
+        stats.new_tokens = [len(o) for o in outputs]
+        texts = [self.tokenizer.decode(o) for o in outputs] if self.tokenizer is not None else [""] * B
+        return GenerationResult(outputs, texts, reasons, stats)
+
+    def _default_eos(self) -> tuple[int, ...]:
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return tuple(self.tokenizer.eos_token_ids)
+        return tuple(self.model.cfg.eos_token_ids)
+
+    @staticmethod
+    def _step_reads(lengths: Sequence[int], resa: ResaConfig | None) -> int:
+        """K/V tokens one decode step reads, counting a block summary (min+max of K) as one token
+        of K+V."""
+        if resa is None:
+            return sum(lengths)
+        total = 0
+        for n in lengths:
+            nb = -(-n // resa.block_size)
+            kept = block_budget(nb, resa.active_ratio, resa.min_blocks)
+            total += min(kept * resa.block_size, n) + (nb if kept < nb else 0)
+        return total
+
+
+def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Index where the first stop string that overlaps the new text begins, or None."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, new_from - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,172 @@
+"""Llama / Mistral / Qwen2 / Qwen3 decoder whose attention goes through `resa.attention`.
+
+Parameter names equal Hugging Face's, so checkpoints load by name (see `weights_table`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention as attn
+from .cache import KVCache, Span
+from .config import ModelConfig, ResaConfig
+from .rope import apply_rope, rope_cos_sin, rope_frequencies
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        span: Span,
+        sparse: ResaConfig | None,
+        backend: str,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        cache.write(layer, k.to(cache.k.dtype), v.transpose(1, 2).to(cache.v.dtype), span)
+        if sparse is None:
+            out = attn.dense_attention(q, cache.k[layer], cache.v[layer], span)
+        else:
+            if T != 1:
+                raise ValueError(f"sparse attention decodes one token per row, got a chunk of {T}")
+            q1 = q[:, :, 0]
+            lengths = span.end_t
+            plan = attn.plan_sparse(q1, cache.kmin[layer], cache.kmax[layer], lengths, sparse, backend)
+            out = attn.sparse_decode_attention(
+                q1, cache.k[layer], cache.v[layer], lengths, plan, sparse.block_size, backend
+            )[:, :, None]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `forward` runs a span of tokens per row against a `KVCache`.
+
+    Dense spans (prefill chunks, rectification windows, dense decode) write their K/V and attend
+    causally to each row's whole cache; sparse spans (one token per row) attend to the blocks GBSA
+    selects. Returns final hidden states; `logits` applies the LM head.
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # fp32 on purpose and not a buffer, so casting the model to bf16 cannot round the angles.
+        self.inv_freq, self.rope_scaling = rope_frequencies(cfg.rope, cfg.head_dim)
+        self.backend = backend
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; strict by name and shape."""
+        from .weights_table import check_tensors
+
+        tensors = check_tensors(self.cfg, tensors)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(tensors[name].to(p.dtype))
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden_size] -> fp32 logits [..., V]."""
+        return F.linear(self.model.norm(hidden), self.head_weight()).float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        span: Span,
+        sparse: ResaConfig | None = None,
+    ) -> torch.Tensor:
+        """tokens: [B, T] ids (column t of row b at position span.start[b] + t; columns >= n_valid[b]
+        are padding). Writes K/V of the span into `cache` in every layer and commits the new
+        lengths. sparse: None for dense attention, else the ReSA settings of a sparse decode step.
+        Returns the un-normed hidden states [B, T, hidden_size] (feed to `logits`)."""
+        cache.check_span(span)
+        backend = attn.resolve_backend(self.backend, tokens.device)
+        x = self.model.embed_tokens(tokens)
+        positions = span.start_t[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            x = x + layer.self_attn(h, cos, sin, cache, i, span, sparse, backend)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.commit(span)
+        return x
+
+    @torch.inference_mode()
+    def forward_full(self, tokens: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+        """Dense causal logits [B, T, V] (fp32) of full sequences from an empty cache."""
+        B, T = tokens.shape
+        p = next(self.parameters())
+        cache = KVCache(self.cfg.num_layers, B, self.cfg.num_kv_heads, T, self.cfg.head_dim,
+                        block_size, dtype=p.dtype, device=p.device)
+        span = Span.make([0] * B, [T] * B, T, tokens.device)
+        return self.logits(self.forward(tokens, cache, span))
