@@ -71,6 +71,7 @@ class GenerationResult:
     texts: list[str]
     finish_reasons: list[str]
     stats: GenerationStats
+    cache: KVCache | None = None
 
 
 TextCallback = Callable[[int, str], None]
@@ -211,10 +212,11 @@ class Engine:
         max_new_tokens: int = 128,
         eos_token_ids: Sequence[int] | None = None,
         on_token: Callable[[int, int], bool] | None = None,
+        keep_cache: bool = False,
     ) -> GenerationResult:
         """Generate up to max_new_tokens per row. on_token(row, id) may return True to stop a row.
         Rows stop at an EOS id (default: the tokenizer's/model's); a finished row's output ends
-        there while the other rows go on."""
+        there while the other rows go on. keep_cache returns the KV cache (for inspection)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lens = [len(p) for p in prompt_ids]
@@ -276,7 +278,7 @@ class Engine:
         stats.decode_seconds = _now(self.device) - t1
         stats.new_tokens = [len(o) for o in outputs]
         texts = [self.tokenizer.decode(o) for o in outputs] if self.tokenizer is not None else [""] * B
-        return GenerationResult(outputs, texts, reasons, stats)
+        return GenerationResult(outputs, texts, reasons, stats, cache if keep_cache else None)
 
     def _default_eos(self) -> tuple[int, ...]:
         if self.tokenizer is not None and self.tokenizer.eos_token_ids:

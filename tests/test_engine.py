@@ -1,0 +1,139 @@
+"""End-to-end method invariants on a tiny random model (NaN-poisoned caches throughout)."""
+
+import pytest
+import torch
+
+from resa.config import ResaConfig
+from resa.engine import PromptTooLongError, _find_stop
+from resa.sampling import SamplingConfig
+from tests.tiny import random_prompts, tiny_engine
+
+# Block 4 and min_blocks 4 make contexts above 16 tokens really sparse at tiny sizes.
+SMALL = dict(block_size=4, min_blocks=4, active_ratio=0.1)
+PROMPTS = random_prompts([300, 123])
+NEW = 40
+
+
+def _gen(engine, prompts=PROMPTS, **cfg):
+    kw = {**SMALL, **cfg}
+    return engine.generate_ids(prompts, resa=ResaConfig(**kw), max_new_tokens=NEW, eos_token_ids=[],
+                               keep_cache=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def dense(engine):
+    return _gen(engine, mode="dense")
+
+
+def test_sparsity_changes_the_output(engine, dense):
+    """Guards the other invariants: at these settings sparse decoding really differs from dense."""
+    sparse = _gen(engine, mode="sparse")
+    assert sparse.token_ids != dense.token_ids
+    assert sparse.stats.kv_read_fraction < 0.6
+
+
+@pytest.mark.parametrize("mode", ["sparse", "resa"])
+def test_active_ratio_one_is_dense(engine, dense, mode):
+    assert _gen(engine, mode=mode, active_ratio=1.0).token_ids == dense.token_ids
+
+
+def test_sparse_path_with_every_block_selected_is_dense(engine, dense):
+    out = _gen(engine, mode="sparse", min_blocks=10_000)
+    assert out.token_ids == dense.token_ids
+
+
+def test_fused_f1_is_dense(engine, dense):
+    out = _gen(engine, mode="resa", rectify_variant="fused", rectify_every=1)
+    assert out.token_ids == dense.token_ids
+    assert out.stats.rectifications == NEW - 1
+
+
+def _dense_kv(engine, prompt, generated):
+    """K/V of the sequence recomputed densely from scratch: [L, HKV, N, D] each."""
+    ids = torch.tensor([prompt + generated])
+    cache = engine.new_cache(1, ids.shape[1], 4)
+    engine.prefill(cache, [ids[0].tolist()], chunk=64)
+    return cache.k[:, 0], cache.v[:, 0]
+
+
+def test_paper_f1_leaves_kv_dense(engine):
+    out = _gen(engine, mode="resa", rectify_variant="paper", rectify_every=1)
+    for b, prompt in enumerate(PROMPTS):
+        fed = out.token_ids[b][: NEW - 1]  # the last sampled token is never fed
+        k, v = _dense_kv(engine, prompt, fed)
+        n = len(prompt) + len(fed) - 1  # the newest fed token waits for the next rectification
+        torch.testing.assert_close(out.cache.k[:, b, :, :n], k[:, :, :n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.cache.v[:, b, :, :n], v[:, :, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["paper", "fused"])
+def test_rectified_windows_equal_dense_recomputation(engine, variant):
+    f = 8
+    out = _gen(engine, mode="resa", rectify_variant=variant, rectify_every=f)
+    assert out.stats.rectifications == (NEW - 2) // f if variant == "paper" else (NEW - 1) // f
+    for b, prompt in enumerate(PROMPTS):
+        fed = out.token_ids[b][: NEW - 1]
+        k, v = _dense_kv(engine, prompt, fed)
+        last_window_end = len(prompt) + ((NEW - 2) // f) * f if variant == "paper" else \
+            len(prompt) + ((NEW - 1) // f) * f
+        torch.testing.assert_close(out.cache.k[:, b, :, :last_window_end], k[:, :, :last_window_end],
+                                   rtol=1e-4, atol=1e-4)
+        # tokens fed sparsely after the last window differ from dense: the cache is really sparse-made
+        assert not torch.allclose(out.cache.k[:, b, :, last_window_end + 1:len(prompt) + len(fed)],
+                                  k[:, :, last_window_end + 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,variant", [("sparse", "paper"), ("resa", "paper"), ("resa", "fused")])
+def test_ragged_batch_rows_equal_rows_alone(engine, mode, variant):
+    batch = _gen(engine, mode=mode, rectify_variant=variant, rectify_every=8)
+    for b, prompt in enumerate(PROMPTS):
+        alone = _gen(engine, prompts=[prompt], mode=mode, rectify_variant=variant, rectify_every=8)
+        assert alone.token_ids[0] == batch.token_ids[b]
+
+
+def test_resa_is_closer_to_dense_than_sparse(engine, dense):
+    def agreement(out):
+        return sum(a == b for ra, rb in zip(out.token_ids, dense.token_ids) for a, b in zip(ra, rb))
+
+    assert agreement(_gen(engine, mode="resa", rectify_every=4)) >= agreement(_gen(engine, mode="sparse"))
+
+
+def test_outputs_finite_with_poisoned_cache(engine):
+    prompts = random_prompts([1, 17, 64])
+    out = engine.generate_ids(prompts, resa=ResaConfig(**SMALL), max_new_tokens=20, eos_token_ids=[],
+                              keep_cache=True)
+    for b, p in enumerate(prompts):
+        n = len(p) + 19
+        assert torch.isfinite(out.cache.k[:, b, :, :n]).all()
+        assert torch.isnan(out.cache.k[:, b, :, n:]).all()
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    engine = tiny_engine(max_position_embeddings=64)
+    with pytest.raises(PromptTooLongError, match="context of 64"):
+        engine.generate_ids(random_prompts([60]), max_new_tokens=10)
+
+
+def test_eos_stops_a_row_but_not_the_batch(engine, dense):
+    eos = dense.token_ids[0][5]
+    out = engine.generate_ids(PROMPTS, resa=ResaConfig(mode="dense", **SMALL), max_new_tokens=NEW,
+                              eos_token_ids=[eos])
+    assert out.token_ids[0] == dense.token_ids[0][: dense.token_ids[0].index(eos)]
+    assert out.finish_reasons[0] == "eos"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    s = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    a = engine.generate_ids(PROMPTS, sampling=s, max_new_tokens=10, eos_token_ids=[])
+    b = engine.generate_ids(PROMPTS, sampling=s, max_new_tokens=10, eos_token_ids=[])
+    assert a.token_ids == b.token_ids
+
+
+def test_find_stop():
+    assert _find_stop("hello world", ["wor"], 8) == 6
+    assert _find_stop("hello", ["x"], 0) is None
