@@ -124,6 +124,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(func=run_kernels)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .eval.cli import register
+
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resa", description="Rectified Sparse Attention: fast, near-lossless long-context decoding.",
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Quality evaluation of ReSA against dense decoding on real models and real text."""
