@@ -1,0 +1,47 @@
+"""Checks shared by the kernel wrappers: where a kernel may run and how inputs must look."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(name: str, *tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device, and a device a Triton kernel can run on."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"{name}: all inputs must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name}: Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton, or use the references in resa.ref"
+        )
+    return device
+
+
+def check_dtype(name: str, what: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name}: {what} must be one of {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_shape(name: str, what: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: {what} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def check_last_contiguous(name: str, what: str, t: torch.Tensor) -> None:
+    """Kernels vectorise along the last dimension; other dimensions may have any stride."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: {what} must be contiguous in its last dimension (stride {t.stride()})")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)

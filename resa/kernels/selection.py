@@ -1,0 +1,291 @@
+"""Block selection (the GBSA plan, DESIGN.md 1.2 steps 2-6) as Triton kernels, without host sync.
+
+Layout of the work:
+- `select_blocks_kernel`, grid (B * HKV, chunks): pools the G queries of a group, scores a chunk of
+  blocks from the min/max summaries and writes each score as an order-preserving int32 key to a
+  scratch row. With FUSED, every program then bumps a per-row counter; the program that finishes
+  a row last runs the exact top-n of that row (one launch in all). The counter is reset by that
+  program, so the scratch counters stay zero between calls.
+- `select_topn_kernel`, grid (B * HKV): the same top-n as a second launch (the two-pass variant).
+The top-n holds a whole row of keys in registers, bisects the threshold key (stopping as soon as
+exactly n keys clear it), breaks ties by lowest block index, and compacts the chosen indices into
+ascending order with a prefix sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ref.selection import RATIO_SCALE, ratio_ppm
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
+
+# Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
+# over the kernel's keys (512K tokens at block 16 still fit).
+MAX_TOPN_BLOCKS = 32768
+METHODS = ("fused", "two_pass", "torch")
+
+
+@triton.jit
+def _score_to_key(s):
+    """fp32 score -> int32 key with the same order (NaN sorts just above the 'invalid' key)."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.minimum(tl.maximum(key, -2147483647), 2147483646)
+    return tl.where(s != s, -2147483647, key)
+
+
+@triton.jit
+def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slots, ppm, min_blocks,
+              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1."""
+    n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
+    n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
+    offs = tl.arange(0, BLOCK_NB)
+    inb = offs < nb
+    # .cg: the keys were written by other programs of this launch; read them from L2, not L1.
+    key = tl.load(keys_row + offs, mask=inb, other=-2147483648, cache_modifier=".cg")
+    key = tl.where(inb & (offs >= nb - local_blocks), 2147483647, key)
+    # Largest t with count(key >= t) >= n; stop early once exactly n keys are >= lo.
+    lo = tl.min(tl.where(inb, key, 2147483647)).to(tl.int64)
+    hi = tl.max(key).to(tl.int64)
+    c_lo = nb
+    while (lo < hi) & (c_lo != n):
+        mid = (lo + hi + 1) >> 1
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
+        take = c >= n
+        lo = tl.where(take, mid, lo)
+        c_lo = tl.where(take, c, c_lo)
+        hi = tl.where(take, hi, mid - 1)
+    t = lo.to(tl.int32)
+    gt = inb & (key > t)
+    need = n - tl.sum(gt.to(tl.int32))
+    eq = (inb & (key == t)).to(tl.int32)
+    sel = gt | ((eq != 0) & (tl.cumsum(eq, 0) <= need))
+    sel_i = sel.to(tl.int32)
+    pos = tl.cumsum(sel_i, 0) - 1
+    tl.store(table_row + pos.to(tl.int64) * stride_ts, offs.to(tl.int32), mask=sel)
+    # A while loop: run-time range bounds do not work in Triton's interpreter (numpy >= 2.4).
+    s0 = n // BLOCK_S * BLOCK_S
+    while s0 < num_slots:
+        slot = s0 + tl.arange(0, BLOCK_S)
+        tl.store(table_row + slot.to(tl.int64) * stride_ts, tl.full([BLOCK_S], -1, tl.int32),
+                 mask=(slot >= n) & (slot < num_slots))
+        s0 += BLOCK_S
+    if write_nsel:
+        tl.store(nsel_ptr, n)
+
+
+@triton.jit
+def select_blocks_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, lens_ptr, keys_ptr, count_ptr, table_ptr, nsel_ptr,
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sn,
+    stride_tb, stride_th, stride_ts,
+    num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks, chunks,
+    G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED: tl.constexpr,
+):
+    """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
+
+    q: [B, H, D]; kmin, kmax: [B, HKV, NBmax, D] (same strides); keys: [B * HKV, NBmax] int32
+    scratch; count: [B * HKV] int32, zero on entry and on exit; table: [B, HKV, S]; nsel: [B].
+    Only summaries of valid blocks (< ceil(len / BS)) are read.
+    """
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = row // num_kv_heads
+    hk = row % num_kv_heads
+    length = tl.load(lens_ptr + b).to(tl.int32)
+    nb = (length + BS - 1) // BS
+    offs_g = tl.arange(0, G_P)
+    offs_d = tl.arange(0, D)
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * G + offs_g).to(tl.int64)[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
+    qg = (tl.sum(q, 0) / G)[None, :]
+    s_row = b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
+    keys_row = keys_ptr + row.to(tl.int64) * nbmax
+    for t in range(TILES):
+        blk = (chunk * TILES + t) * BLOCK_B + tl.arange(0, BLOCK_B)
+        ok = blk < nb
+        offs = s_row + blk.to(tl.int64)[:, None] * stride_sn + offs_d[None, :]
+        kmn = tl.load(kmin_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmx = tl.load(kmax_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(tl.maximum(qg * kmx, qg * kmn), 1)
+        tl.store(keys_row + blk, _score_to_key(s), mask=ok)
+    if FUSED:
+        # All threads' key stores are issued before the one release-atomic of this program.
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if done == chunks - 1:
+            table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
+            _topn_row(keys_row, table_row, stride_ts, nsel_ptr + b, hk == 0, nb, num_slots, ppm,
+                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S)
+            tl.atomic_xchg(count_ptr + row, 0)
+
+
+@triton.jit
+def select_topn_kernel(
+    lens_ptr, keys_ptr, table_ptr, nsel_ptr,
+    stride_tb, stride_th, stride_ts,
+    num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks,
+    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Top-n of one (row, KV head) from the keys `select_blocks_kernel` wrote (two-pass variant)."""
+    row = tl.program_id(0)
+    b = row // num_kv_heads
+    hk = row % num_kv_heads
+    length = tl.load(lens_ptr + b).to(tl.int32)
+    nb = (length + BS - 1) // BS
+    table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
+    _topn_row(keys_ptr + row.to(tl.int64) * nbmax, table_row, stride_ts, nsel_ptr + b, hk == 0, nb,
+              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S)
+
+
+@dataclass(frozen=True)
+class SelectionWorkspace:
+    """Scratch of `select_blocks`, preallocated once per cache shape (so calls can be graph-captured).
+
+    keys: [B * HKV, NBmax] int32 block keys; counters: [B * HKV] int32, zero between calls.
+    """
+
+    keys: torch.Tensor
+    counters: torch.Tensor
+
+    @classmethod
+    def allocate(cls, batch: int, num_kv_heads: int, nbmax: int, device: torch.device | str) -> "SelectionWorkspace":
+        rows = batch * num_kv_heads
+        return cls(torch.empty(rows, max(nbmax, 1), dtype=torch.int32, device=device),
+                   torch.zeros(rows, dtype=torch.int32, device=device))
+
+
+def _topn_torch(keys, lengths, table, nsel, *, block_size, ppm, min_blocks, local_blocks):
+    """torch.topk over the kernel's keys (baseline and fallback for very long rows); no host sync."""
+    B, HKV, S = table.shape
+    nbmax = keys.shape[1]
+    dev = keys.device
+    nb = (lengths.to(torch.int64) + block_size - 1) // block_size
+    n = torch.maximum((nb * ppm + RATIO_SCALE - 1) // RATIO_SCALE, torch.clamp(nb, max=min_blocks))
+    n = torch.minimum(n, nb)
+    idx = torch.arange(nbmax, device=dev)
+    k = keys.view(B, HKV, nbmax)
+    k = torch.where(idx < nb[:, None, None], k, torch.iinfo(torch.int32).min)
+    local = (idx >= nb[:, None, None] - local_blocks) & (idx < nb[:, None, None])
+    k = torch.where(local, torch.iinfo(torch.int32).max, k)
+    width = min(S, nbmax)
+    top = torch.topk(k, width, dim=-1, sorted=True).indices
+    keep = torch.arange(width, device=dev) < n[:, None, None]
+    top = torch.where(keep, top, nbmax).sort(dim=-1).values
+    table.fill_(-1)
+    table[..., :width] = torch.where(top == nbmax, -1, top).to(torch.int32)
+    nsel.copy_(n.to(torch.int32))
+
+
+def select_blocks(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    block_size: int,
+    active_ratio: float,
+    min_blocks: int,
+    local_blocks: int = 1,
+    num_slots: int | None = None,
+    method: str = "fused",
+    workspace: SelectionWorkspace | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose, per (row, KV head), the blocks a decode query attends to; same contract as
+    `resa.ref.select_blocks_ref`, without a host sync.
+
+    q: [B, H, D] post-RoPE queries (fp16/bf16/fp32); kmin, kmax: [B, HKV, NBmax, D] summaries (any
+    strides, last dimension contiguous); lengths: [B] int32/int64 on q's device, the current token
+    included. Row b keeps n_b = block_budget(ceil(lengths[b] / BS), active_ratio, min_blocks) blocks:
+    its last `local_blocks` always, the rest by top score (ties: lowest block index).
+    num_slots: S, the table width, required (no host sync to derive it): at least the largest n_b,
+    e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 ascending then -1,
+    num_selected [B] int32), written into `out` when given.
+    method: "fused" (one launch), "two_pass" (score, then top-n) or "torch" (score, then torch.topk).
+    """
+    name = "select_blocks"
+    if num_slots is None:
+        raise ValueError(f"{name}: num_slots is required (the table width; deriving it would sync the host)")
+    if method not in METHODS:
+        raise ValueError(f"{name}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    device = check_device(name, q, kmin, kmax, lengths)
+    if q.dim() != 3 or kmin.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, H, D] and kmin [B, HKV, NBmax, D], got {list(q.shape)}, {list(kmin.shape)}")
+    B, H, D = q.shape
+    HKV, nbmax = kmin.shape[1], kmin.shape[2]
+    check_shape(name, "kmin", kmin, (B, HKV, nbmax, D))
+    check_shape(name, "kmax", kmax, (B, HKV, nbmax, D))
+    check_shape(name, "lengths", lengths, (B,))
+    for what, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
+        check_dtype(name, what, t, FLOAT_DTYPES)
+        check_last_contiguous(name, what, t)
+    check_dtype(name, "lengths", lengths, INDEX_DTYPES)
+    if kmin.stride() != kmax.stride():
+        raise ValueError(f"{name}: kmin and kmax must have the same strides")
+    if H % HKV:
+        raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
+    if D not in (64, 128, 256):
+        raise ValueError(f"{name}: head dim {D} unsupported (64, 128, 256)")
+    if block_size < 1 or num_slots < 0 or local_blocks < 0 or min_blocks < 0:
+        raise ValueError(f"{name}: block_size >= 1 and num_slots, local_blocks, min_blocks >= 0 needed")
+    G = H // HKV
+    if out is None:
+        table = torch.empty(B, HKV, num_slots, dtype=torch.int32, device=device)
+        nsel = torch.empty(B, dtype=torch.int32, device=device)
+    else:
+        table, nsel = out
+        check_shape(name, "out block_table", table, (B, HKV, num_slots))
+        check_shape(name, "out num_selected", nsel, (B,))
+        if table.dtype != torch.int32 or nsel.dtype != torch.int32:
+            raise TypeError(f"{name}: out tensors must be int32")
+    if workspace is None:
+        workspace = SelectionWorkspace.allocate(B, HKV, nbmax, device)
+    elif workspace.keys.shape[0] != B * HKV or workspace.keys.shape[1] < nbmax:
+        raise ValueError(f"{name}: workspace is for {list(workspace.keys.shape)} keys, need [{B * HKV}, >= {nbmax}]")
+    if B == 0 or nbmax == 0:
+        table.fill_(-1)
+        nsel.zero_()
+        return table, nsel
+    block_nb = triton.next_power_of_2(nbmax)
+    if block_nb > MAX_TOPN_BLOCKS and method != "torch":
+        method = "torch"
+    ppm = ratio_ppm(active_ratio)
+    # A 64-block tile of D=128 bf16 min+max is 32 KB; 4 tiles a program keep the grid large at
+    # batch 1 (256K tokens: 64 programs per row) while amortising the query pooling.
+    block_b = 16 if interpreting() else 64
+    tiles = 1 if interpreting() else max(1, min(4, triton.cdiv(nbmax, block_b * 64)))
+    chunks = triton.cdiv(nbmax, block_b * tiles)
+    fused = method == "fused"
+    num_warps = 4 if block_nb <= 4096 else (8 if block_nb <= 8192 else 16)
+    block_s = min(1024, triton.next_power_of_2(max(num_slots, 1)))
+    wkeys = workspace.keys
+    select_blocks_kernel[(B * HKV, chunks)](
+        q, kmin, kmax, lengths, wkeys, workspace.counters, table, nsel,
+        q.stride(0), q.stride(1),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        table.stride(0), table.stride(1), table.stride(2),
+        HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
+        G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
+        BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_S=block_s,
+        FUSED=fused, num_warps=num_warps if fused else 4,
+    )
+    if method == "two_pass":
+        select_topn_kernel[(B * HKV,)](
+            lengths, wkeys, table, nsel,
+            table.stride(0), table.stride(1), table.stride(2),
+            HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks,
+            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, num_warps=num_warps,
+        )
+    elif method == "torch":
+        _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, ppm=ppm,
+                    min_blocks=min_blocks, local_blocks=local_blocks)
+    return table, nsel

@@ -1,0 +1,135 @@
+"""select_blocks (Triton) against select_blocks_ref; on CPU through Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton: kernels are bound to the interpreter when defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from resa.kernels import SelectionWorkspace, select_blocks  # noqa: E402
+from resa.ref import block_budget, block_summaries_ref, group_query, score_blocks_ref, select_blocks_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+SENTINEL = 12345
+
+
+def make_inputs(lengths, hkv, g, d, dtype, seed=0, nbmax=None):
+    """Random queries and bf16/fp16 summaries of random keys; summaries of blocks past a row's
+    length are NaN (the kernel must not read them)."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    nmax = max(max(lengths), 1)
+    k = torch.randn(B, hkv, nmax, d, generator=gen)
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    kmin, kmax = block_summaries_ref(k, lens, BS)
+    nb = kmin.shape[2] if nbmax is None else nbmax
+    pad = nb - kmin.shape[2]
+    kmin = torch.nn.functional.pad(kmin, (0, 0, 0, pad), value=float("nan"))
+    kmax = torch.nn.functional.pad(kmax, (0, 0, 0, pad), value=float("nan"))
+    dead = (torch.arange(nb)[None, :] >= ((lens + BS - 1) // BS)[:, None])[:, None, :, None]
+    kmin = torch.where(dead, float("nan"), kmin).to(dtype)
+    kmax = torch.where(dead, float("nan"), kmax).to(dtype)
+    q = torch.randn(B, hkv * g, d, generator=gen).to(dtype)
+    return q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), lens.to(DEVICE)
+
+
+def assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local_blocks):
+    """Same budgets; same block sets, except that blocks whose scores tie the threshold within
+    fp32 rounding (summation order differs) may be swapped."""
+    assert torch.equal(nsel.cpu(), ref_nsel.cpu())
+    table, ref_table = table.cpu(), ref_table.cpu()
+    B, HKV, S = ref_table.shape
+    assert table.shape == ref_table.shape
+    scores = score_blocks_ref(group_query(q.cpu(), HKV), kmin.cpu(), kmax.cpu())
+    for b in range(B):
+        n = int(ref_nsel[b])
+        nb = -(-int(lens[b]) // BS)
+        for h in range(HKV):
+            got, want = table[b, h], ref_table[b, h]
+            assert (got[n:] == -1).all(), f"row {b} head {h}: unused slots must be -1"
+            if n == 0:
+                continue
+            assert torch.all(got[1:n] > got[: n - 1]), f"row {b} head {h}: not strictly ascending"
+            assert got[:n].min() >= 0 and got[:n].max() < nb
+            assert set(range(max(nb - local_blocks, 0), nb)) <= set(got[:n].tolist())
+            diff = set(got[:n].tolist()) ^ set(want[:n].tolist())
+            if diff:
+                s = scores[b, h]
+                chosen = [i for i in want[:n].tolist() if i < nb - local_blocks]
+                thresh = min(float(s[i]) for i in chosen)
+                for i in diff:
+                    assert abs(float(s[i]) - thresh) <= 1e-5 * (1 + abs(thresh)), (
+                        f"row {b} head {h}: block {i} (score {float(s[i])}) differs from the reference "
+                        f"beyond a tie at the threshold {thresh}")
+
+
+CASES = [
+    # (lengths, HKV, G, D, active_ratio, min_blocks, local_blocks)
+    pytest.param([1], 1, 1, 64, 0.1, 16, 1, id="N1-G1-D64"),
+    pytest.param([15], 2, 6, 128, 0.1, 16, 1, id="N15-G6-D128"),
+    pytest.param([16], 1, 7, 64, 0.1, 0, 1, id="N16-G7-D64"),
+    pytest.param([17], 2, 9, 128, 0.1, 0, 1, id="N17-G9-D128"),
+    pytest.param([255], 1, 7, 128, 0.2, 2, 1, id="N255-G7-D128"),
+    pytest.param([1000], 2, 6, 64, 0.1, 2, 2, id="N1000-G6-D64-local2"),
+    pytest.param([1000, 17, 255, 1, 0], 2, 7, 64, 0.1, 3, 1, id="ragged-G7-D64"),
+    pytest.param([700, 300], 1, 1, 64, 1.0, 16, 1, id="ratio1-dense"),
+]
+
+
+@pytest.mark.parametrize("method", ["fused", "two_pass", "torch"])
+@pytest.mark.parametrize("lengths,hkv,g,d,ratio,min_blocks,local", CASES)
+def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method):
+    q, kmin, kmax, lens = make_inputs(lengths, hkv, g, d, torch.bfloat16)
+    nbmax = kmin.shape[2]
+    slots = block_budget(nbmax, ratio, min_blocks) + 2  # wider than needed: the tail must be -1
+    B = len(lengths)
+    out = (torch.full((B, hkv, slots), SENTINEL, dtype=torch.int32, device=DEVICE),
+           torch.full((B,), SENTINEL, dtype=torch.int32, device=DEVICE))
+    ws = SelectionWorkspace.allocate(B, hkv, nbmax, DEVICE)
+    for _ in range(2):  # twice: the fused variant's counters must be back to zero after a call
+        table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=ratio, min_blocks=min_blocks,
+                                    local_blocks=local, num_slots=slots, method=method, workspace=ws, out=out)
+        assert table.data_ptr() == out[0].data_ptr()
+        ref_table, ref_nsel = select_blocks_ref(q, kmin, kmax, lens, block_size=BS, active_ratio=ratio,
+                                                min_blocks=min_blocks, local_blocks=local, num_slots=slots)
+        assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local)
+        assert int(ws.counters.abs().sum()) == 0
+
+
+def test_select_blocks_fp16_and_padded_summaries():
+    """fp16 summaries with more block rows than any length needs (a preallocated cache)."""
+    q, kmin, kmax, lens = make_inputs([333, 80], 2, 7, 64, torch.float16, seed=5, nbmax=40)
+    slots = block_budget(40, 0.25, 4)
+    table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.25, min_blocks=4, num_slots=slots)
+    ref_table, ref_nsel = select_blocks_ref(q, kmin, kmax, lens, block_size=BS, active_ratio=0.25, min_blocks=4,
+                                            num_slots=slots)
+    assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, 1)
+
+
+def test_select_blocks_ties_take_lowest_index():
+    """Equal scores: the lowest block indices win (deterministic, like a stable sort)."""
+    B, HKV, D, nb = 1, 1, 64, 20
+    q = torch.ones(B, 2, D, device=DEVICE)
+    kmin = torch.zeros(B, HKV, nb, D, device=DEVICE)
+    kmax = torch.zeros(B, HKV, nb, D, device=DEVICE)
+    kmax[0, 0, 7] = 1.0  # the one block above the rest
+    lens = torch.tensor([nb * BS], device=DEVICE)
+    table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.2, min_blocks=0, num_slots=4)
+    assert nsel.tolist() == [4]
+    assert table[0, 0].tolist() == [0, 1, 7, 19]
+
+
+def test_select_blocks_requires_num_slots_and_checks_inputs():
+    q, kmin, kmax, lens = make_inputs([100], 1, 2, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="num_slots"):
+        select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.1, min_blocks=2)
+    with pytest.raises(ValueError, match="shape"):
+        select_blocks(q, kmin[:, :, :3], kmax, lens, block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4)
+    with pytest.raises(TypeError, match="lengths"):
+        select_blocks(q, kmin, kmax, lens.float(), block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4)
+    with pytest.raises(ValueError, match="method"):
+        select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4, method="x")

@@ -1,0 +1,132 @@
+"""sparse_decode (Triton) against sparse_decode_ref; on CPU through Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton: kernels are bound to the interpreter when defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from resa.kernels import sparse_decode  # noqa: E402
+from resa.ref import select_blocks_ref, sparse_decode_ref  # noqa: E402
+from tests.tolerance import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+
+
+def make_cache(lengths, hkv, d, dtype, nmax=None, gen=None):
+    """Random K/V [B, HKV, Nmax, D] with every slot >= lengths[b] poisoned with NaN."""
+    nmax = nmax or max(lengths)
+    B = len(lengths)
+    k = torch.randn(B, hkv, nmax, d, generator=gen)
+    v = torch.randn(B, hkv, nmax, d, generator=gen)
+    pos = torch.arange(nmax)
+    dead = (pos[None, :] >= torch.tensor(lengths)[:, None])[:, None, :, None]
+    k = torch.where(dead, float("nan"), k).to(dtype)
+    v = torch.where(dead, float("nan"), v).to(dtype)
+    return k.to(DEVICE), v.to(DEVICE)
+
+
+def sparse_decode_lowp(q, k, v, lengths, table, block_size):
+    """The reference computation done by PyTorch in the inputs' own dtype (the tolerance baseline)."""
+    B, H, D = q.shape
+    HKV, nmax = k.shape[1], k.shape[2]
+    S = table.shape[-1]
+    t = table.long()
+    tok = (t.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, HKV, -1)
+    ok = (t >= 0)[..., None].expand(B, HKV, S, block_size).reshape(B, HKV, -1) & (tok < lengths[:, None, None])
+    idx = tok.clamp(max=nmax - 1)[..., None].expand(-1, -1, -1, D)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    kg = torch.where(ok[..., None], torch.gather(k, 2, idx), zero)
+    vg = torch.where(ok[..., None], torch.gather(v, 2, idx), zero)
+    qg = q.view(B, HKV, H // HKV, D)
+    s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * (D ** -0.5)
+    s = torch.where(ok[:, :, None], s, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.einsum("bkgn,bknd->bkgd", p, vg).reshape(B, H, D)
+
+
+def run_case(lengths, hkv, g, d, dtype, *, ratio=0.25, min_blocks=4, table=None, splits=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    k, v = make_cache(lengths, hkv, d, dtype, gen=gen)
+    q = torch.randn(B, hkv * g, d, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=DEVICE)
+    nsel = None
+    if table is None:
+        from resa.ref import block_summaries_ref
+
+        kmin, kmax = block_summaries_ref(k, lens, BS)
+        table, nsel = select_blocks_ref(q, kmin, kmax, lens, block_size=BS, active_ratio=ratio, min_blocks=min_blocks)
+    out = torch.full((B, hkv * g, d), float("nan"), dtype=dtype, device=DEVICE)
+    got = sparse_decode(q, k, v, lens, table, BS, num_selected=nsel, num_splits=splits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    ref = sparse_decode_ref(q, k, v, lens, table, BS)
+    low = sparse_decode_lowp(q, k, v, lens, table, BS)
+    assert_close(got, ref, low)
+
+
+CASES = [
+    # (lengths, HKV, G, D, dtype, splits)
+    pytest.param([1], 1, 1, 64, torch.bfloat16, None, id="N1-G1-D64"),
+    pytest.param([15], 2, 6, 128, torch.bfloat16, None, id="N15-G6-D128"),
+    pytest.param([16], 1, 7, 64, torch.float16, None, id="N16-G7-D64-fp16"),
+    pytest.param([17], 2, 9, 128, torch.bfloat16, 2, id="N17-G9-D128-split2"),
+    pytest.param([255], 1, 7, 128, torch.bfloat16, 3, id="N255-G7-D128-split3"),
+    pytest.param([1000], 1, 6, 64, torch.bfloat16, 4, id="N1000-G6-D64-split4"),
+    pytest.param([1000, 17, 255, 1], 2, 7, 64, torch.bfloat16, 3, id="ragged-G7-D64-split3"),
+    pytest.param([300, 33], 1, 16, 64, torch.float32, 2, id="ragged-G16-D64-fp32"),
+    pytest.param([40], 1, 1, 64, torch.bfloat16, 1, id="N40-G1-single"),
+]
+
+
+@pytest.mark.parametrize("lengths,hkv,g,d,dtype,splits", CASES)
+def test_sparse_decode(lengths, hkv, g, d, dtype, splits):
+    run_case(lengths, hkv, g, d, dtype, splits=splits)
+
+
+def test_sparse_decode_full_table_equals_dense():
+    """A table holding every block is dense attention."""
+    lengths = [100, 37]
+    nb = -(-max(lengths) // BS)
+    table = torch.full((2, 1, nb), -1, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        table[b, :, : -(-n // BS)] = torch.arange(-(-n // BS), dtype=torch.int32)
+    run_case(lengths, 1, 7, 64, torch.bfloat16, table=table.to(DEVICE), splits=2)
+
+
+def test_sparse_decode_holes_and_unsorted_table():
+    """-1 anywhere in the table is skipped; slot order does not matter."""
+    table = torch.tensor([[[5, -1, 0, 3, -1, 2]]], dtype=torch.int32, device=DEVICE)
+    run_case([90], 1, 6, 64, torch.bfloat16, table=table, splits=2)
+
+
+def test_sparse_decode_strided_layer_view():
+    """K/V as one layer of a [L, B, HKV, Nmax, D] cache (non-contiguous batch stride)."""
+    gen = torch.Generator().manual_seed(3)
+    L, B, HKV, N, D, G = 2, 2, 2, 48, 64, 7
+    kv = torch.randn(2, L, B, HKV, N, D, generator=gen).to(torch.bfloat16).to(DEVICE)
+    k, v = kv[0, 1], kv[1, 1]
+    lens = torch.tensor([48, 20], device=DEVICE)
+    q = torch.randn(B, HKV * G, D, generator=gen).to(torch.bfloat16).to(DEVICE)
+    table = torch.tensor([[[0, 2], [1, 2]], [[0, 1], [1, -1]]], dtype=torch.int32, device=DEVICE)
+    got = sparse_decode(q, k, v, lens, table, BS, num_splits=2)
+    assert_close(got, sparse_decode_ref(q, k, v, lens, table, BS), sparse_decode_lowp(q, k, v, lens, table, BS))
+
+
+def test_sparse_decode_rejects_bad_inputs():
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(1, 2, 32, 64, dtype=torch.bfloat16, device=DEVICE)
+    lens = torch.tensor([32], device=DEVICE)
+    table = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_decode(q, k.float(), k, lens, table, BS)
+    with pytest.raises(ValueError, match="shape"):
+        sparse_decode(q, k, k, lens, table[:, :1], BS)
+    with pytest.raises(ValueError, match="head dim"):
+        sparse_decode(q[..., :48], k[..., :48], k[..., :48], lens, table, BS)
+    with pytest.raises(TypeError, match="lengths"):
+        sparse_decode(q, k, k, lens.float(), table, BS)
