@@ -1,0 +1,187 @@
+"""A transformers-compatible KV cache that keeps ReSA's per-block key summaries next to K/V."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVCache, Span
+from ..config import ResaConfig
+
+
+@dataclass
+class ResaStats:
+    """What one generation did to the cache.
+
+    decode_steps: forward passes that fed one new token per row (sparse or dense).
+    sparse_steps: those decode steps that attended sparsely.
+    rectifications: dense passes that rewrote sparse-made K/V.
+    rectified_at: for each rectification, (t, first position of the window in row 0, width): t is the
+        index (from 0) of the newest generated token when it ran.
+    """
+
+    prompt_tokens: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    sparse_steps: int = 0
+    rectifications: int = 0
+    rectified_at: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResaPass:
+    """One forward pass over the cache: where it writes (`span`) and how it attends (`sparse` is
+    None for dense causal attention, else the settings of a sparse single-token decode step)."""
+
+    span: Span
+    sparse: ResaConfig | None
+
+
+class ResaCache:
+    """Per-layer K/V and block key min/max for a transformers causal LM decoding with ReSA.
+
+    Storage is `resa.cache.KVCache`, the cache of our own engine: k, v [L, B, HKV, capacity, D] and
+    kmin, kmax [L, B, HKV, ceil(capacity / BS), D] (post-RoPE keys), plus per-row lengths. Rows are
+    ragged: row b holds its `lengths[b]` tokens in slots 0 .. lengths[b]-1, with no padding slots,
+    so a left-padded transformers batch is stored (and its blocks aligned) exactly as our engine
+    stores it.
+
+    Contract with the model: every forward pass that writes here is bracketed by `begin(pass_)`
+    and `end()` (the generation loop in `resa.hf.generate` does this). Inside the pass each
+    attention layer calls `update(k, v, layer_idx)` with k, v [B, HKV, T, D] (T = span.width); the
+    span's valid columns are written, the summaries of exactly the blocks the write touches are
+    brought up to date (incremental min/max for a one-token append), and the layer's whole K/V
+    storage [B, HKV, capacity, D] is returned; the attention function reads only slots below each
+    row's end. Writes end at a row's end: appends, or overwrites of the newest tokens
+    (rectification).
+
+    Dynamic by default: when a pass needs more slots than allocated, storage grows (doubling) and
+    is copied. With `static=True` the capacity is fixed and exceeding it raises, so buffer
+    addresses never change.
+    """
+
+    is_compileable = False
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        *,
+        capacity: int = 256,
+        static: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        poison: bool = False,
+    ) -> None:
+        self.num_layers = num_layers
+        self.static = static
+        self.backend = backend
+        self.poison = poison
+        self.kv = KVCache(num_layers, batch, num_kv_heads, capacity, head_dim, block_size,
+                          dtype=dtype, device=device, poison=poison)
+        self.stats = ResaStats()
+        self._pass: ResaPass | None = None
+
+    @classmethod
+    def for_model(cls, model, batch: int, block_size: int, capacity: int = 256, **kwargs) -> "ResaCache":
+        """A cache shaped for a transformers Llama/Mistral/Qwen2/Qwen3 model (its dtype and device)."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        param = next(model.parameters())
+        return cls(cfg.num_hidden_layers, batch, getattr(cfg, "num_key_value_heads", None) or heads,
+                   head_dim, block_size, capacity=capacity, dtype=param.dtype, device=param.device,
+                   **kwargs)
+
+    # ---- shape and state ----
+
+    @property
+    def batch(self) -> int:
+        return self.kv.batch
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.block_size
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held by each row (host copy)."""
+        return list(self.kv.host_lengths)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Longest row (transformers' notion of the cache length for an unpadded batch)."""
+        return max(self.kv.host_lengths)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v, kmin, kmax) of one layer: [B, HKV, capacity, D] twice, [B, HKV, NBmax, D] twice."""
+        kv = self.kv
+        return kv.k[layer_idx], kv.v[layer_idx], kv.kmin[layer_idx], kv.kmax[layer_idx]
+
+    @property
+    def current(self) -> ResaPass:
+        """The pass in progress; raises outside begin()/end()."""
+        if self._pass is None:
+            raise RuntimeError(
+                "ResaCache was written outside a ReSA pass; generate with "
+                "model.generate(..., custom_generate=resa.hf.generate) rather than passing this cache "
+                "to transformers' own generation loop"
+            )
+        return self._pass
+
+    # ---- one forward pass ----
+
+    def begin(self, pass_: ResaPass) -> None:
+        """Start a forward pass: check the span fits (growing the storage if dynamic)."""
+        if self._pass is not None:
+            raise RuntimeError("a ReSA pass is already in progress on this cache")
+        need = max(pass_.span.end)
+        if need > self.capacity:
+            if self.static:
+                raise ValueError(f"static ResaCache holds {self.capacity} tokens per row; this pass needs {need}")
+            self._grow(max(need, 2 * self.capacity))
+        self.kv.check_span(pass_.span)
+        self._pass = pass_
+
+    def end(self) -> None:
+        """Finish the pass: the rows now hold exactly span.end tokens."""
+        self.kv.commit(self.current.span)
+        self._pass = None
+
+    def abort(self) -> None:
+        """Forget a pass that failed midway (lengths are left as before it)."""
+        self._pass = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by each attention layer with its new post-RoPE keys and values [B, HKV, T, D].
+
+        Extra positional/keyword arguments (cache kwargs of some transformers versions) are
+        ignored: where to write comes from the current pass. Returns the layer's K and V storage
+        [B, HKV, capacity, D]."""
+        span = self.current.span
+        if key_states.shape[2] != span.width:
+            raise ValueError(f"layer {layer_idx} wrote {key_states.shape[2]} tokens into a pass of {span.width}")
+        self.kv.write(layer_idx, key_states.to(self.kv.k.dtype), value_states.to(self.kv.v.dtype), span)
+        return self.kv.k[layer_idx], self.kv.v[layer_idx]
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate to `capacity` slots per row and copy what is held."""
+        old = self.kv
+        L, B, HKV, cap, D = old.k.shape
+        new = KVCache(L, B, HKV, capacity, D, old.block_size, dtype=old.k.dtype, device=old.k.device,
+                      poison=self.poison)
+        nb = old.num_blocks
+        new.k[:, :, :, :cap] = old.k
+        new.v[:, :, :, :cap] = old.v
+        new.kmin[:, :, :, :nb] = old.kmin
+        new.kmax[:, :, :, :nb] = old.kmax
+        new.lengths.copy_(old.lengths)
+        new.host_lengths = list(old.host_lengths)
+        self.kv = new

@@ -1,0 +1,241 @@
+"""ReSA generation for transformers models: `model.generate(..., custom_generate=resa.hf.generate)`.
+
+The loop mirrors transformers' sampling loop (same logits processors, stopping criteria, sampling
+settings, EOS padding of finished rows, same output types) and our engine's schedule
+(`resa.engine`): dense chunked prefill, sparse decode steps, and a dense rectification pass every
+f = rectify_every generated tokens that overwrites the window's K/V in every layer:
+- paper: after sampling token t (t > 0, t % f == 0), tokens t-f .. t-1 are re-run densely and their
+  K/V overwritten; token t is then fed by a sparse step.
+- fused: tokens are fed sparsely except when t % f == f - 1, where one dense pass over tokens
+  t-f+1 .. t rewrites the f-1 sparse-made entries, writes token t and gives the next logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from ..cache import Span
+from ..config import ResaConfig
+from .cache import ResaCache, ResaPass
+from .enable import enabled_config
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the forward argument that takes the cache: `cache` in newer transformers,
+    `past_key_values` in older ones (both present in the releases we support, under one name)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """Per-row prompt tokens of a (left- or right-) padded batch; padding must be at the ends."""
+    if attention_mask is None:
+        return input_ids.tolist()
+    rows = []
+    for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        valid = [i for i, m in enumerate(mask) if m]
+        if not valid:
+            raise ValueError(f"row {b} of the batch has no unmasked prompt token")
+        if valid[-1] - valid[0] + 1 != len(valid):
+            raise ValueError(f"row {b}: padding must be on the left or the right of the prompt, not inside it")
+        rows.append(ids[valid[0]:valid[-1] + 1])
+    return rows
+
+
+class _Runner:
+    """Runs forward passes of a transformers model against a `ResaCache`."""
+
+    def __init__(self, model, cache: ResaCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.cache_arg = _cache_kwarg(model)
+        self.device = cache.kv.k.device
+
+    def forward(self, ids: torch.Tensor, span: Span, sparse: ResaConfig | None,
+                keep: int | torch.Tensor = 1) -> torch.Tensor:
+        """One pass over ids [B, T] written at `span`; returns fp32 logits [B, K, V] of the
+        positions `keep` selects (transformers' `logits_to_keep`)."""
+        B, T = ids.shape
+        positions = span.start_t[:, None] + torch.arange(T, device=self.device)[None, :]
+        # A 4-D mask is passed through to the attention function untouched, which skips
+        # transformers' mask construction: the ReSA attention takes visibility from the span.
+        placeholder_mask = torch.ones(B, 1, T, 1, dtype=torch.bool, device=self.device)
+        self.cache.begin(ResaPass(span, sparse))
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=placeholder_mask,
+                             position_ids=positions, use_cache=True, logits_to_keep=keep,
+                             resa_cache=self.cache, **{self.cache_arg: self.cache})
+        except BaseException:
+            self.cache.abort()
+            raise
+        self.cache.end()
+        return out.logits.float()
+
+    def prefill(self, prompts: list[list[int]], chunk: int) -> torch.Tensor:
+        """Dense chunked prefill; returns fp32 logits [B, V] of each row's last prompt token."""
+        lens = [len(p) for p in prompts]
+        B, longest = len(prompts), max(lens)
+        ids = torch.zeros(B, longest, dtype=torch.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
+        last: list[torch.Tensor | None] = [None] * B
+        for c0 in range(0, longest, chunk):
+            width = min(chunk, longest - c0)
+            start = [min(c0, n) for n in lens]
+            n_valid = [max(0, min(n - c0, width)) for n in lens]
+            cols = {b: n - 1 - c0 for b, n in enumerate(lens) if c0 <= n - 1 < c0 + width}
+            keep_cols = sorted(set(cols.values()))
+            keep = torch.tensor(keep_cols, device=self.device) if keep_cols else 1
+            span = Span.make(start, n_valid, width, self.device)
+            logits = self.forward(ids[:, c0:c0 + width], span, None, keep)
+            for b, col in cols.items():
+                last[b] = logits[b, keep_cols.index(col)]
+        return torch.stack(last)
+
+    def step(self, token: torch.Tensor, sparse: ResaConfig | None) -> torch.Tensor:
+        """Feed one token per row at the end of each row; fp32 logits [B, V]."""
+        B = token.shape[0]
+        span = Span.make(self.cache.lengths, [1] * B, 1, self.device)
+        return self.forward(token.view(B, 1), span, sparse)[:, -1]
+
+    def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+        """Dense pass over tokens [B, W] whose first `overwrite` are the newest tokens of every row
+        (their K/V is rewritten in every layer); the rest are appended. fp32 logits [B, V] of the
+        last position."""
+        B, W = tokens.shape
+        start = [n - overwrite for n in self.cache.lengths]
+        span = Span.make(start, [W] * B, W, self.device)
+        return self.forward(tokens, span, None)[:, -1]
+
+
+def _check_supported(generation_config, model_kwargs: dict[str, Any]) -> None:
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise ValueError("ReSA generation supports greedy search and sampling, not beam search (num_beams > 1)")
+    for flag in ("output_attentions", "output_hidden_states"):
+        if getattr(generation_config, flag, False):
+            raise ValueError(f"ReSA generation does not return attentions or hidden states ({flag}=True)")
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("ReSA generation needs input_ids, not inputs_embeds")
+    for name in ("cache", "past_key_values"):
+        given = model_kwargs.get(name)
+        if given is not None and not isinstance(given, ResaCache) and given.get_seq_length() > 0:
+            raise ValueError("ReSA generation builds its own cache; continuing from a filled cache is not supported")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    resa_config: ResaConfig | None = None,
+    **model_kwargs,
+):
+    """Generate with ReSA; meant to be passed as `model.generate(..., custom_generate=generate)`.
+
+    model: a transformers causal LM prepared with `resa.hf.enable(model, ResaConfig(...))`.
+    input_ids: [B, L] prompts, padded on the left (or right) as given by `attention_mask` in
+    `model_kwargs`. `resa_config` overrides the settings recorded by `enable` for this call
+    (`model.generate(..., custom_generate=generate, resa_config=ResaConfig(...))`).
+
+    transformers prepares logits_processor (temperature, top-k/p, repetition penalty, the user's
+    own processors), stopping_criteria (max length, EOS, stop strings, the user's own) and
+    generation_config; they are applied exactly as in transformers' sampling loop: processors see
+    the padded sequences so far, tokens are argmax or multinomial of the processed scores, finished
+    rows are padded with pad_token_id, generation stops when every row is finished.
+    Beam search, assisted decoding and returning attentions/hidden states are not supported.
+
+    Returns the sequences [B, L + new] (LongTensor), or with `return_dict_in_generate=True` a
+    `GenerateDecoderOnlyOutput` whose cache is the `ResaCache` (its `.stats` counts decode steps,
+    sparse steps and rectifications).
+    """
+    from transformers.generation import (GenerateDecoderOnlyOutput, LogitsProcessorList,
+                                         StoppingCriteriaList)
+
+    resa, backend = enabled_config(model)
+    resa = resa if resa_config is None else resa_config
+    generation_config = model.generation_config if generation_config is None else generation_config
+    logits_processor = LogitsProcessorList() if logits_processor is None else logits_processor
+    stopping_criteria = StoppingCriteriaList() if stopping_criteria is None else stopping_criteria
+    _check_supported(generation_config, model_kwargs)
+
+    B, L = input_ids.shape
+    if generation_config.max_length is not None and generation_config.max_length > L:
+        max_new = generation_config.max_length - L
+    elif generation_config.max_new_tokens:
+        max_new = generation_config.max_new_tokens
+    else:
+        raise ValueError("set max_new_tokens (or max_length above the prompt length)")
+    prompts = _prompts(input_ids, model_kwargs.get("attention_mask"))
+    lens = [len(p) for p in prompts]
+    cache = ResaCache.for_model(model, B, resa.block_size, capacity=max(lens) + max_new, backend=backend)
+    cache.stats.prompt_tokens = lens
+    run = _Runner(model, cache)
+    device = input_ids.device
+
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    if pad is None and generation_config.pad_token_id is not None:
+        pad = torch.tensor(generation_config.pad_token_id, device=device)
+    has_eos = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    keep_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    keep_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores_out: tuple[torch.Tensor, ...] = ()
+    logits_out: tuple[torch.Tensor, ...] = ()
+
+    logits = run.prefill(prompts, resa.prefill_chunk).to(device)
+    sequences = input_ids
+    history = torch.empty(B, max_new, dtype=torch.int64, device=run.device)
+    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    f = resa.rectify_every
+    sparse = None if resa.is_dense else resa
+    for t in range(max_new):
+        scores = logits_processor(sequences, logits)
+        if keep_scores:
+            scores_out += (scores,)
+        if keep_logits:
+            logits_out += (logits,)
+        if generation_config.do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = torch.argmax(scores, dim=-1)
+        if has_eos:
+            token = token * unfinished + pad.to(device) * (1 - unfinished)
+        sequences = torch.cat([sequences, token[:, None]], dim=-1)
+        history[:, t] = token.to(run.device)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        unfinished = unfinished & ~stopping_criteria(sequences, scores)
+        if unfinished.max() == 0 or t == max_new - 1:
+            break
+        if resa.rectifies and resa.rectify_variant == "paper" and t > 0 and t % f == 0:
+            cache.stats.rectified_at.append((t, cache.lengths[0] - f, f))
+            run.dense_window(history[:, t - f:t], overwrite=f)
+            cache.stats.rectifications += 1
+        if resa.rectifies and resa.rectify_variant == "fused" and t % f == f - 1:
+            cache.stats.rectified_at.append((t, cache.lengths[0] - (f - 1), f))
+            logits = run.dense_window(history[:, t - f + 1:t + 1], overwrite=f - 1)
+            cache.stats.rectifications += 1
+        else:
+            logits = run.step(token, sparse)
+            cache.stats.sparse_steps += sparse is not None
+        logits = logits.to(device)
+        cache.stats.decode_steps += 1
+    if streamer is not None:
+        streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    names = {fld.name for fld in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    cache_field = "cache" if "cache" in names else "past_key_values"
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences,
+        scores=scores_out if keep_scores else None,
+        logits=logits_out if keep_logits else None,
+        **{cache_field: cache},
+    )
