@@ -1,0 +1,303 @@
+"""GGUF files: metadata -> ModelConfig, tensors -> HF names (q/k un-permuted), cache, failures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from resa import gguf_loader
+from resa.config import ConfigError, ModelConfig, RopeConfig
+from resa.errors import LoaderError
+from resa.gguf_loader import (gguf_cache_path, llama3_rope_factors, load_gguf, permute_qk,
+                              unpermute_qk)
+from resa.loader import load_checkpoint
+from tests.test_loader import CHAT_TEMPLATE, SPECIALS, VOCAB, random_tensors, tiny_vocab
+
+_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Never write into the user's real cache from tests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("RESA_NO_CACHE", raising=False)
+
+
+def tiny_config(arch: str = "llama", **overrides) -> ModelConfig:
+    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
+                rope=RopeConfig(theta=10000.0), attention_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    _, _, i, rest = hf.split(".", 3)
+    return f"blk.{i}.{_TO_GGUF[rest]}"
+
+
+def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *,
+               quant: dict[str, gguf.GGMLQuantizationType] | None = None, fp16: bool = False,
+               metadata: dict | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
+               pre: str = "smollm") -> Path:
+    """Write `tensors` (HF names) as llama.cpp does: GGUF names, q/k permuted for the llama arch,
+    ggml dim order, tokenizer metadata from the tiny byte-level vocab."""
+    w = gguf.GGUFWriter(str(path), cfg.arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope.theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tokens, merges = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges([f"{a} {b}" for a, b in merges])
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, t in tensors.items():
+        if cfg.arch == "llama" and ".q_proj." in name:
+            t = permute_qk(t, cfg.num_heads)
+        elif cfg.arch == "llama" and ".k_proj." in name:
+            t = permute_qk(t, cfg.num_kv_heads)
+        arr = t.float().numpy()
+        qtype = (quant or {}).get(name)
+        if qtype is not None:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), arr.astype(np.float16) if fp16 and arr.ndim == 2 else arr)
+    for name, arr in (extra_tensors or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True),
+                                       ("qwen2", False), ("qwen3", False)])
+def test_round_trip_exact(tmp_path, arch, tied):
+    cfg = tiny_config(arch, tie_word_embeddings=tied)
+    tensors = random_tensors(cfg, seed=3)
+    ck = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, tensors))
+    assert ck.config.arch == arch and ck.config.tie_word_embeddings == tied
+    assert ck.config.attention_bias == (arch == "qwen2") and ck.config.qk_norm == (arch == "qwen3")
+    assert (ck.config.num_heads, ck.config.num_kv_heads, ck.config.head_dim) == (4, 2, 8)
+    assert ck.config.max_position_embeddings == 256 and ck.config.rms_norm_eps == pytest.approx(1e-5)
+    assert ck.config.bos_token_id == 1 and 2 in ck.config.eos_token_ids
+    assert list(ck.tensors) == list(tensors)
+    for name, t in tensors.items():
+        assert ck.tensors[name].dtype == torch.float32
+        assert torch.equal(ck.tensors[name], t), name
+
+
+def test_llama_file_really_is_permuted(tmp_path):
+    """Guards the test itself: what the file holds differs from the HF weights until un-permuted."""
+    cfg = tiny_config("llama")
+    tensors = random_tensors(cfg)
+    reader = gguf_loader.open_gguf(write_gguf(tmp_path / "m.gguf", cfg, tensors))
+    stored = next(t for t in reader.tensors if t.name == "blk.0.attn_k.weight")
+    raw = torch.from_numpy(np.array(stored.data))
+    hf = tensors["model.layers.0.self_attn.k_proj.weight"]
+    assert not torch.equal(raw, hf) and torch.equal(unpermute_qk(raw, cfg.num_kv_heads), hf)
+
+
+@pytest.mark.parametrize("n_head,d", [(1, 2), (3, 8), (9, 64)])
+def test_permute_inverse(n_head, d):
+    w = torch.randn(n_head * d, 5)
+    assert torch.equal(unpermute_qk(permute_qk(w, n_head), n_head), w)
+    b = torch.randn(n_head * d)
+    assert torch.equal(unpermute_qk(permute_qk(b, n_head), n_head), b)
+    # Row r = 2*i + j of a head in the file is HF row j*D/2 + i (interleaved pairs -> halves).
+    assert torch.equal(unpermute_qk(torch.arange(d * n_head), n_head)[:d],
+                       torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]))
+
+
+def test_f16_tensors_keep_dtype(tmp_path):
+    cfg = tiny_config("qwen2")
+    tensors = {k: v.half().float() for k, v in random_tensors(cfg).items()}
+    ck = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, tensors, fp16=True))
+    w = ck.tensors["model.layers.1.mlp.down_proj.weight"]
+    assert w.dtype == torch.float16 and torch.equal(w.float(), tensors["model.layers.1.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1,
+                                   gguf.GGMLQuantizationType.Q4_0])
+def test_quantized_tensors_dequantize(tmp_path, qtype):
+    cfg = tiny_config("llama")
+    tensors = random_tensors(cfg)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ck = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, tensors, quant={name: qtype}))
+    expect = gguf.quants.dequantize(gguf.quants.quantize(permute_qk(tensors[name], 4).numpy(), qtype), qtype)
+    got = ck.tensors[name]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, unpermute_qk(torch.from_numpy(expect), 4))
+    assert (got - tensors[name]).abs().max() < 0.5  # and it is a faithful approximation
+
+
+def test_tokenizer_from_gguf(tmp_path):
+    cfg = tiny_config()
+    tok = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))).tokenizer
+    ids = tok.encode("<|im_start|>hello the world")
+    assert ids[0] == 1 and tok.decode(ids) == "hello the world"
+    assert tok.bos_token_id == 1 and tok.eos_token_ids == (2,) and not tok.add_bos
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user\nhi")
+
+
+# ---- RoPE metadata ----------------------------------------------------------------------------
+
+def test_llama3_rope_from_rope_freqs(tmp_path):
+    cfg = tiny_config("llama", head_dim=8, max_position_embeddings=131072, rope=RopeConfig(theta=500000.0))
+    factors = llama3_rope_factors(500000.0, 8, 8.0, 1.0, 4.0, 8192).astype(np.float32)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), extra_tensors={"rope_freqs.weight": factors})
+    rope = load_checkpoint(path).config.rope
+    assert (rope.rope_type, rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+            rope.original_max_position_embeddings) == ("llama3", 8.0, 1.0, 4.0, 8192)
+
+
+def test_unknown_rope_freqs_rejected(tmp_path):
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg),
+                      extra_tensors={"rope_freqs.weight": np.array([1.0, 3.0, 2.0, 5.0], np.float32)})
+    with pytest.raises(LoaderError, match="rope_freqs"):
+        load_checkpoint(path)
+
+
+def test_yarn_rope_metadata(tmp_path):
+    cfg = tiny_config("qwen2")
+    meta = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+            "qwen2.rope.scaling.original_context_length": 64}
+    rope = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), metadata=meta)).config.rope
+    assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4.0, 64)
+
+
+# ---- failures ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keep", [0.02, 0.5, 0.999], ids=["header", "half", "tail"])
+def test_truncated_gguf(tmp_path, keep):
+    cfg = tiny_config()
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(LoaderError, match=r"m\.gguf.*truncated"):
+        load_checkpoint(path)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    cfg = tiny_config()
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    data = path.read_bytes().replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00gemma", 1)
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match="'gemma' is not supported"):
+        load_checkpoint(path)
+
+
+def test_sliding_window_gguf_rejected(tmp_path):
+    cfg = tiny_config()
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), metadata={"llama.attention.sliding_window": 64})
+    with pytest.raises(ConfigError, match="sliding-window"):
+        load_checkpoint(path)
+
+
+def test_gguf_missing_tensor(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(LoaderError, match="missing.*model.layers.1.self_attn.v_proj.weight"):
+        load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, tensors))
+
+
+def test_unsupported_pre_tokenizer(tmp_path):
+    cfg = tiny_config()
+    with pytest.raises(LoaderError, match="pre-tokenizer 'tekken'"):
+        load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), pre="tekken"))
+
+
+# ---- conversion cache -------------------------------------------------------------------------
+
+def test_cache_is_used_and_equal(tmp_path, monkeypatch):
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    first = load_gguf(path)
+    cache = gguf_cache_path(path)
+    assert cache.is_file() and cache.parent == tmp_path / "xdg" / "resa"
+    assert not list(cache.parent.glob("*.tmp"))
+
+    def refuse(_):
+        raise AssertionError("the GGUF was parsed again despite a valid cache")
+
+    monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
+    second = load_gguf(path)
+    assert second[0] == first[0]
+    assert all(torch.equal(second[1][k], v) for k, v in first[1].items())
+    assert second[2].encode("<|im_start|>hello") == first[2].encode("<|im_start|>hello")
+    assert second[2].chat_template == first[2].chat_template
+
+
+def test_cache_invalidated_by_new_file_and_stale_entry_pruned(tmp_path):
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg, seed=1))
+    load_gguf(path)
+    old = gguf_cache_path(path)
+    tensors = random_tensors(cfg, seed=2)
+    write_gguf(path, cfg, tensors)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    _, got, _ = load_gguf(path)
+    assert torch.equal(got["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    assert gguf_cache_path(path) != old and not old.exists() and gguf_cache_path(path).is_file()
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    load_gguf(path)
+    cache = gguf_cache_path(path)
+    cache.write_bytes(cache.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable GGUF conversion cache"):
+        _, tensors, _ = load_gguf(path)
+    assert len(tensors) == len(random_tensors(cfg)) and cache.stat().st_size > 1000
+
+
+def test_no_cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESA_NO_CACHE", "1")
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    load_gguf(path)
+    assert not (tmp_path / "xdg").exists()
