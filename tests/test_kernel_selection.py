@@ -80,9 +80,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["fused", "two_pass", "torch"])
+@pytest.mark.parametrize("method,topn", [("fused", "bisect"), ("fused", "radix"), ("two_pass", "bisect"),
+                                         ("torch", "bisect")], ids=["fused", "fused-radix", "two_pass", "torch"])
 @pytest.mark.parametrize("lengths,hkv,g,d,ratio,min_blocks,local", CASES)
-def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method):
+def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method, topn):
     q, kmin, kmax, lens = make_inputs(lengths, hkv, g, d, torch.bfloat16)
     nbmax = kmin.shape[2]
     slots = block_budget(nbmax, ratio, min_blocks) + 2  # wider than needed: the tail must be -1
@@ -92,7 +93,8 @@ def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method):
     ws = SelectionWorkspace.allocate(B, hkv, nbmax, DEVICE)
     for _ in range(2):  # twice: the fused variant's counters must be back to zero after a call
         table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=ratio, min_blocks=min_blocks,
-                                    local_blocks=local, num_slots=slots, method=method, workspace=ws, out=out)
+                                    local_blocks=local, num_slots=slots, method=method, topn=topn,
+                                    workspace=ws, out=out)
         assert table.data_ptr() == out[0].data_ptr()
         ref_table, ref_nsel = select_blocks_ref(q, kmin, kmax, lens, block_size=BS, active_ratio=ratio,
                                                 min_blocks=min_blocks, local_blocks=local, num_slots=slots)
@@ -110,7 +112,8 @@ def test_select_blocks_fp16_and_padded_summaries():
     assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, 1)
 
 
-def test_select_blocks_ties_take_lowest_index():
+@pytest.mark.parametrize("topn", ["bisect", "radix"])
+def test_select_blocks_ties_take_lowest_index(topn):
     """Equal scores: the lowest block indices win (deterministic, like a stable sort)."""
     B, HKV, D, nb = 1, 1, 64, 20
     q = torch.ones(B, 2, D, device=DEVICE)
@@ -118,7 +121,8 @@ def test_select_blocks_ties_take_lowest_index():
     kmax = torch.zeros(B, HKV, nb, D, device=DEVICE)
     kmax[0, 0, 7] = 1.0  # the one block above the rest
     lens = torch.tensor([nb * BS], device=DEVICE)
-    table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.2, min_blocks=0, num_slots=4)
+    table, nsel = select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.2, min_blocks=0, num_slots=4,
+                                topn=topn)
     assert nsel.tolist() == [4]
     assert table[0, 0].tolist() == [0, 1, 7, 19]
 

@@ -26,7 +26,8 @@ from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, chec
 # Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
 # over the kernel's keys (512K tokens at block 16 still fit).
 MAX_TOPN_BLOCKS = 32768
-METHODS = ("fused", "two_pass", "torch")
+METHODS = ("fused", "two_pass", "torch", "scores")
+TOPN = ("bisect", "radix")
 
 
 @triton.jit
@@ -39,17 +40,9 @@ def _score_to_key(s):
 
 
 @triton.jit
-def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slots, ppm, min_blocks,
-              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1."""
-    n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
-    n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
-    offs = tl.arange(0, BLOCK_NB)
-    inb = offs < nb
-    # .cg: the keys were written by other programs of this launch; read them from L2, not L1.
-    key = tl.load(keys_row + offs, mask=inb, other=-2147483648, cache_modifier=".cg")
-    key = tl.where(inb & (offs >= nb - local_blocks), 2147483647, key)
-    # Largest t with count(key >= t) >= n; stop early once exactly n keys are >= lo.
+def _threshold_bisect(key, inb, nb, n):
+    """Largest t with count(key >= t) >= n, by bisection on the key (stops as soon as exactly n
+    keys are >= lo: with distinct scores that takes ~log2(range / gap) < 32 block reductions)."""
     lo = tl.min(tl.where(inb, key, 2147483647)).to(tl.int64)
     hi = tl.max(key).to(tl.int64)
     c_lo = nb
@@ -60,8 +53,48 @@ def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slot
         lo = tl.where(take, mid, lo)
         c_lo = tl.where(take, c, c_lo)
         hi = tl.where(take, hi, mid - 1)
-    t = lo.to(tl.int32)
-    gt = inb & (key > t)
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _threshold_radix(key, inb, n):
+    """The same threshold by radix select: three 2048-bin histograms over 11, 11 and 10 bits of
+    the key (as unsigned), each pass keeping only the keys that share the digits found so far."""
+    ukey = key ^ -2147483648  # signed order -> unsigned bit order
+    bins = tl.arange(0, 2048)
+    need = n
+    prefix = tl.zeros([], tl.int32)
+    cand = inb
+    for i in tl.static_range(3):
+        shift: tl.constexpr = 21 - 11 * i if i < 2 else 0
+        width: tl.constexpr = 11 if i < 2 else 10
+        digit = (ukey >> shift) & ((1 << width) - 1)
+        hist = tl.histogram(digit, 2048, mask=cand)
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys among candidates with digit >= d
+        d = tl.sum((ge >= need).to(tl.int32), 0) - 1
+        d = tl.minimum(tl.maximum(d, 0), (1 << width) - 1)
+        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        prefix = (prefix << width) | d
+        cand = cand & (digit == d)
+    return prefix ^ -2147483648
+
+
+@triton.jit
+def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slots, ppm, min_blocks,
+              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr):
+    """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1."""
+    n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
+    n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
+    offs = tl.arange(0, BLOCK_NB)
+    inb = offs < nb
+    # .cg: the keys were written by other programs of this launch; read them from L2, not L1.
+    key = tl.load(keys_row + offs, mask=inb, other=-2147483648, cache_modifier=".cg")
+    key = tl.where(inb & (offs >= nb - local_blocks), 2147483647, key)
+    if RADIX:
+        t = _threshold_radix(key, inb, n)
+    else:
+        t = _threshold_bisect(key, inb, nb, n)
+    gt = inb & (key > t) & (n > 0)
     need = n - tl.sum(gt.to(tl.int32))
     eq = (inb & (key == t)).to(tl.int32)
     sel = gt | ((eq != 0) & (tl.cumsum(eq, 0) <= need))
@@ -88,7 +121,7 @@ def select_blocks_kernel(
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks, chunks,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
-    FUSED: tl.constexpr,
+    FUSED: tl.constexpr, RADIX: tl.constexpr,
 ):
     """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
 
@@ -124,7 +157,7 @@ def select_blocks_kernel(
         if done == chunks - 1:
             table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
             _topn_row(keys_row, table_row, stride_ts, nsel_ptr + b, hk == 0, nb, num_slots, ppm,
-                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S)
+                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX)
             tl.atomic_xchg(count_ptr + row, 0)
 
 
@@ -133,7 +166,7 @@ def select_topn_kernel(
     lens_ptr, keys_ptr, table_ptr, nsel_ptr,
     stride_tb, stride_th, stride_ts,
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks,
-    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
+    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr,
 ):
     """Top-n of one (row, KV head) from the keys `select_blocks_kernel` wrote (two-pass variant)."""
     row = tl.program_id(0)
@@ -143,7 +176,7 @@ def select_topn_kernel(
     nb = (length + BS - 1) // BS
     table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
     _topn_row(keys_ptr + row.to(tl.int64) * nbmax, table_row, stride_ts, nsel_ptr + b, hk == 0, nb,
-              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S)
+              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX)
 
 
 @dataclass(frozen=True)
@@ -172,7 +205,7 @@ def _topn_torch(keys, lengths, table, nsel, *, block_size, ppm, min_blocks, loca
     n = torch.maximum((nb * ppm + RATIO_SCALE - 1) // RATIO_SCALE, torch.clamp(nb, max=min_blocks))
     n = torch.minimum(n, nb)
     idx = torch.arange(nbmax, device=dev)
-    k = keys.view(B, HKV, nbmax)
+    k = keys.reshape(B, HKV, nbmax)
     k = torch.where(idx < nb[:, None, None], k, torch.iinfo(torch.int32).min)
     local = (idx >= nb[:, None, None] - local_blocks) & (idx < nb[:, None, None])
     k = torch.where(local, torch.iinfo(torch.int32).max, k)
@@ -197,6 +230,7 @@ def select_blocks(
     local_blocks: int = 1,
     num_slots: int | None = None,
     method: str = "fused",
+    topn: str = "bisect",
     workspace: SelectionWorkspace | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,13 +244,17 @@ def select_blocks(
     num_slots: S, the table width, required (no host sync to derive it): at least the largest n_b,
     e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 ascending then -1,
     num_selected [B] int32), written into `out` when given.
-    method: "fused" (one launch), "two_pass" (score, then top-n) or "torch" (score, then torch.topk).
+    method: "fused" (one launch), "two_pass" (score, then top-n) or "torch" (score, then torch.topk);
+    "scores" only writes the workspace keys (a benchmark aid: table and counts are left unwritten).
+    topn: how the in-kernel top-n finds its threshold, "bisect" or "radix" (same result).
     """
     name = "select_blocks"
     if num_slots is None:
         raise ValueError(f"{name}: num_slots is required (the table width; deriving it would sync the host)")
     if method not in METHODS:
         raise ValueError(f"{name}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    if topn not in TOPN:
+        raise ValueError(f"{name}: topn must be one of {', '.join(TOPN)}, got {topn!r}")
     device = check_device(name, q, kmin, kmax, lengths)
     if q.dim() != 3 or kmin.dim() != 4:
         raise ValueError(f"{name}: q must be [B, H, D] and kmin [B, HKV, NBmax, D], got {list(q.shape)}, {list(kmin.shape)}")
@@ -256,7 +294,7 @@ def select_blocks(
         nsel.zero_()
         return table, nsel
     block_nb = triton.next_power_of_2(nbmax)
-    if block_nb > MAX_TOPN_BLOCKS and method != "torch":
+    if block_nb > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
         method = "torch"
     ppm = ratio_ppm(active_ratio)
     # A 64-block tile of D=128 bf16 min+max is 32 KB; 4 tiles a program keep the grid large at
@@ -276,14 +314,14 @@ def select_blocks(
         HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
         G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
         BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_S=block_s,
-        FUSED=fused, num_warps=num_warps if fused else 4,
+        FUSED=fused, RADIX=topn == "radix", num_warps=num_warps if fused else 4,
     )
     if method == "two_pass":
         select_topn_kernel[(B * HKV,)](
             lengths, wkeys, table, nsel,
             table.stride(0), table.stride(1), table.stride(2),
             HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks,
-            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, num_warps=num_warps,
+            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, RADIX=topn == "radix", num_warps=num_warps,
         )
     elif method == "torch":
         _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, ppm=ppm,
