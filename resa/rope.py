@@ -12,7 +12,7 @@ from .config import RopeConfig
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] (fp32, CPU) and the factor cos/sin are multiplied by."""
     base = rope.theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if rope.rope_type == "default":
         return inv_freq.float(), 1.0
     if rope.rope_type == "linear":
@@ -58,8 +58,8 @@ def _yarn(head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv_freq, float(attn)

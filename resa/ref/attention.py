@@ -64,12 +64,12 @@ def sparse_decode_ref(
     """One decode query per row attending only to the tokens of its selected blocks.
 
     q: [B, H, D]; k, v: [B, HKV, Nmax, D]; lengths: [B] (the current token included);
-    block_table: [B, HKV, S] int block indices, -1 = unused slot. All G query heads of a KV group
+    block_table: [B, HKV, S] int block indices, -1 = unused slot; every length must be >= 1. All G query heads of a KV group
     share the group's blocks. Tokens at positions >= lengths[b] inside a selected block are masked;
     nothing outside the selected blocks is read. Returns [B, H, D] fp32.
     """
     B, H, D = q.shape
-    HKV, nmax = k.shape[1], k.shape[2]
+    HKV = k.shape[1]
     S = block_table.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     table = block_table.to(device=q.device, dtype=torch.int64)
@@ -77,9 +77,11 @@ def sparse_decode_ref(
     tok = (table.clamp(min=0)[..., None] * block_size + offs).view(B, HKV, S * block_size)
     ok = (table >= 0)[..., None].expand(B, HKV, S, block_size).reshape(B, HKV, S * block_size)
     ok = ok & (tok < lengths.to(q.device)[:, None, None])
-    gidx = tok.clamp(max=nmax - 1)[..., None].expand(B, HKV, S * block_size, D)
-    kg = torch.where(ok[..., None], torch.gather(k.float(), 2, gidx), 0.0)
-    vg = torch.where(ok[..., None], torch.gather(v.float(), 2, gidx), 0.0)
+    # Unused slots gather token 0 (always written: lengths >= 1) and are masked out of the softmax,
+    # so no unwritten slot is ever read.
+    gidx = torch.where(ok, tok, 0)[..., None].expand(B, HKV, S * block_size, D)
+    kg = torch.gather(k, 2, gidx).float()
+    vg = torch.gather(v, 2, gidx).float()
     G = H // HKV
     qg = q.float().view(B, HKV, G, D)
     s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * scale
