@@ -80,8 +80,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,topn", [("fused", "bisect"), ("fused", "radix"), ("two_pass", "bisect"),
-                                         ("torch", "bisect")], ids=["fused", "fused-radix", "two_pass", "torch"])
+@pytest.mark.parametrize("method,topn", [("fused", "search"), ("fused", "bisect"), ("fused", "radix"),
+                                         ("two_pass", "search"), ("torch", "search")],
+                         ids=["fused", "fused-bisect", "fused-radix", "two_pass", "torch"])
 @pytest.mark.parametrize("lengths,hkv,g,d,ratio,min_blocks,local", CASES)
 def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method, topn):
     q, kmin, kmax, lens = make_inputs(lengths, hkv, g, d, torch.bfloat16)
@@ -112,7 +113,7 @@ def test_select_blocks_fp16_and_padded_summaries():
     assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, 1)
 
 
-@pytest.mark.parametrize("topn", ["bisect", "radix"])
+@pytest.mark.parametrize("topn", ["search", "bisect", "radix"])
 def test_select_blocks_ties_take_lowest_index(topn):
     """Equal scores: the lowest block indices win (deterministic, like a stable sort)."""
     B, HKV, D, nb = 1, 1, 64, 20
@@ -137,3 +138,26 @@ def test_select_blocks_requires_num_slots_and_checks_inputs():
         select_blocks(q, kmin, kmax, lens.float(), block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4)
     with pytest.raises(ValueError, match="method"):
         select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4, method="x")
+
+
+@pytest.mark.parametrize("method,topn", [("fused", "search"), ("two_pass", "bisect"), ("fused", "radix")])
+def test_select_blocks_many_ties_stable(method, topn):
+    """Scores drawn from 5 values: the chosen set is the n best, ties broken by lowest index."""
+    gen = torch.Generator().manual_seed(7)
+    B, HKV, D, nb = 2, 2, 64, 300
+    kmax = torch.randint(0, 5, (B, HKV, nb, 1), generator=gen).float().expand(B, HKV, nb, D).contiguous()
+    kmin = torch.zeros_like(kmax)
+    q = torch.ones(B, HKV * 3, D)
+    lens = torch.tensor([nb * BS, 200 * BS - 3])
+    slots = block_budget(nb, 0.1, 16)
+    table, nsel = select_blocks(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), lens.to(DEVICE), block_size=BS,
+                                active_ratio=0.1, min_blocks=16, num_slots=slots, method=method, topn=topn)
+    for b in range(B):
+        nbb = -(-int(lens[b]) // BS)
+        n = block_budget(nbb, 0.1, 16)
+        assert int(nsel[b]) == n
+        for h in range(HKV):
+            s = kmax[b, h, :nbb, 0].clone()
+            s[nbb - 1] = float("inf")
+            order = sorted(range(nbb), key=lambda i: (-float(s[i]), i))[:n]
+            assert table[b, h, :n].cpu().tolist() == sorted(order)

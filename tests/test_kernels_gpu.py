@@ -40,8 +40,8 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("lengths,H,HKV,D", SHAPES)
-@pytest.mark.parametrize("method,topn", [("fused", "bisect"), ("fused", "radix"), ("two_pass", "bisect"),
-                                         ("two_pass", "radix"), ("torch", "bisect")])
+@pytest.mark.parametrize("method,topn", [("fused", "search"), ("fused", "bisect"), ("fused", "radix"),
+                                         ("two_pass", "search"), ("torch", "search")])
 def test_select_blocks_gpu(lengths, H, HKV, D, method, topn):
     from resa.kernels import select_blocks
     from tests.test_kernel_selection import assert_same_selection

@@ -119,9 +119,17 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
     sdpa = record("sdpa_dense_decode", "graph", _bench_graph(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), g), kv_bytes)
 
     sum_bytes = 2 * batch * HKV * nb * D * esz + 2 * 4 * batch * HKV * nb + 4 * batch * HKV * slots
-    for method, topn in (("fused", "bisect"), ("fused", "radix"), ("two_pass", "bisect"), ("torch", "bisect"), ("scores", "bisect")):
+    fn = lambda: select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))  # noqa: E731
+    record("selection", "default", _bench_graph(fn, g), sum_bytes)
+    if args.sweep and n_ctx >= args.sweep_from:
+        from resa.kernels.selection import SCORE_CONFIGS
+
+        for sc in SCORE_CONFIGS:
+            fn = lambda c=sc: select_blocks(q, kmin, kmax, lengths, **sel_kw, method="scores", workspace=ws, out=(table, nsel), score_config=c)  # noqa: E731
+            record("scoring", f"bpt{sc.blocks_per_tile}-t{sc.max_tiles}-w{sc.num_warps}", _bench_graph(fn, g), sum_bytes)
+    for method, topn in (("fused", "search"), ("fused", "bisect"), ("two_pass", "search"), ("torch", "search"), ("scores", "search")):
         fn = lambda m=method, t=topn: select_blocks(q, kmin, kmax, lengths, **sel_kw, method=m, topn=t, workspace=ws, out=(table, nsel))  # noqa: E731
-        record("selection", method if method != "fused" else f"fused-{topn}", _bench_graph(fn, g), sum_bytes)
+        record("selection", method if method not in ("fused", "two_pass") else f"{method}-{topn}", _bench_graph(fn, g), sum_bytes)
     select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))
     sel_tokens = int((table >= 0).sum()) * bs  # one host read, outside every timed region
     attn_bytes = 2 * sel_tokens * D * esz + 2 * batch * H * D * esz
@@ -203,7 +211,7 @@ def markdown(result: dict) -> str:
     for s in shapes:
         g = {(r["op"], r["variant"]): r for r in rows if key(r) == s and "error" not in r}
         sd, sde = g.get(("sdpa_dense_decode", "graph")), g.get(("sdpa_dense_decode", "eager"))
-        se = g.get(("selection", "fused-bisect"))
+        se = g.get(("selection", "default"))
         at = g.get(("sparse_attention", "default"))
         e, gr = g.get(("selection+attention", "eager")), g.get(("selection+attention", "graph"))
         if not (sd and sde and se and at and e and gr):
@@ -212,7 +220,7 @@ def markdown(result: dict) -> str:
             f"| {s[0]} | {s[1] // KIB}K | {s[2]} | {sd['time_us']:.1f} | {se['time_us']:.1f} | {at['time_us']:.1f} | "
             f"{at['gbps']:.0f} ({100 * at['frac_copy_bw']:.0f}%) | {gr['time_us']:.1f} | {gr['floor_us']:.1f} | "
             f"{gr['time_us'] / gr['floor_us']:.2f} | **{gr['speedup_vs_sdpa']:.2f}x** | {e['time_us']:.0f} / {sde['time_us']:.0f} us |")
-    methods = ("fused-bisect", "fused-radix", "two_pass", "torch", "scores")
+    methods = ("default", "fused-search", "fused-bisect", "two_pass-search", "torch", "scores")
     lines += ["", "## Selection methods (us, graph replay; 'scores' = scoring pass alone, no top-n)", "",
               "| model | context | batch | " + " | ".join(methods) + " | floor |", "|---|---|---|" + "---|" * (len(methods) + 1)]
     for s in shapes:
@@ -229,6 +237,16 @@ def markdown(result: dict) -> str:
             g = {r["variant"]: r["time_us"] for r in sweep if key(r) == s}
             if g:
                 lines.append(f"| {s[0]} | {s[1] // KIB}K | {s[2]} | " + " | ".join(str(g.get(v, "")) for v in variants) + " |")
+    scoring = [r for r in rows if r["op"] == "scoring"]
+    if scoring:
+        variants = sorted({r["variant"] for r in scoring})
+        lines += ["", "## Scoring pass launch configs (us, graph replay)", "", "| model | context | batch | " + " | ".join(variants) + " | floor |",
+                  "|---|---|---|" + "---|" * (len(variants) + 1)]
+        for s in shapes:
+            g = {r["variant"]: r for r in scoring if key(r) == s}
+            if g:
+                lines.append(f"| {s[0]} | {s[1] // KIB}K | {s[2]} | " + " | ".join(str(g[v]["time_us"]) if v in g else "" for v in variants)
+                             + f" | {next(iter(g.values()))['floor_us']} |")
     rect = [r for r in rows if r["op"] == "rectify_dense_chunk"]
     if rect:
         lines += ["", f"## Rectification chunk (f={result['rectify_window']} queries per row, SDPA)", "",

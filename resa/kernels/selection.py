@@ -27,7 +27,7 @@ from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, chec
 # over the kernel's keys (512K tokens at block 16 still fit).
 MAX_TOPN_BLOCKS = 32768
 METHODS = ("fused", "two_pass", "torch", "scores")
-TOPN = ("bisect", "radix")
+TOPN = ("search", "bisect", "radix")
 
 
 @triton.jit
@@ -40,48 +40,59 @@ def _score_to_key(s):
 
 
 @triton.jit
-def _threshold_bisect(key, inb, nb, n):
-    """Largest t with count(key >= t) >= n, by bisection on the key (stops as soon as exactly n
-    keys are >= lo: with distinct scores that takes ~log2(range / gap) < 32 block reductions)."""
+def _threshold_bisect(key, inb, nb, n, WAYS: tl.constexpr):
+    """Largest t with count(key >= t) >= n, by a (WAYS + 1)-ary search on the key: each round counts
+    the keys above WAYS evenly spaced candidates in one block reduction (the reductions, not the
+    compares, are what cost), and the search stops as soon as exactly n keys clear a candidate.
+    Returns (t, count(key >= t))."""
     lo = tl.min(tl.where(inb, key, 2147483647)).to(tl.int64)
     hi = tl.max(key).to(tl.int64)
     c_lo = nb
+    j = tl.arange(0, WAYS) + 1
     while (lo < hi) & (c_lo != n):
-        mid = (lo + hi + 1) >> 1
-        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
-        take = c >= n
-        lo = tl.where(take, mid, lo)
-        c_lo = tl.where(take, c, c_lo)
-        hi = tl.where(take, hi, mid - 1)
-    return lo.to(tl.int32)
+        cand = lo + ((hi - lo + 1) * j) // (WAYS + 1)  # [WAYS], ascending, in [lo, hi]
+        cnt = tl.sum((key[None, :] >= cand.to(tl.int32)[:, None]).to(tl.int32), 1)
+        ok = cnt >= n  # a prefix of the candidates (counts fall as candidates rise)
+        k = tl.sum(ok.to(tl.int32), 0)  # candidates that keep >= n keys
+        new_lo = tl.max(tl.where(ok, cand, lo), 0)
+        c_new = tl.min(tl.where(ok, cnt, c_lo), 0)
+        nxt = tl.min(tl.where(ok, hi + 1, cand), 0)  # first candidate with < n keys
+        lo = new_lo
+        c_lo = tl.where(k > 0, c_new, c_lo)
+        hi = tl.minimum(hi, nxt - 1)
+    return lo.to(tl.int32), c_lo
+
+
+@triton.jit
+def _radix_pass(ukey, cand, need, prefix, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """One digit of the radix select: the largest digit d such that at least `need` candidates
+    have a digit >= d; candidates narrow to digit == d and `need` drops by those above it."""
+    digit = (ukey >> SHIFT) & ((1 << WIDTH) - 1)
+    hist = tl.histogram(digit, 1 << WIDTH, mask=cand)
+    ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates with digit >= d
+    d = tl.sum((ge >= need).to(tl.int32), 0) - 1
+    d = tl.minimum(tl.maximum(d, 0), (1 << WIDTH) - 1)
+    bins = tl.arange(0, 1 << WIDTH)
+    need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+    return cand & (digit == d), need, (prefix << WIDTH) | d
 
 
 @triton.jit
 def _threshold_radix(key, inb, n):
-    """The same threshold by radix select: three 2048-bin histograms over 11, 11 and 10 bits of
-    the key (as unsigned), each pass keeping only the keys that share the digits found so far."""
+    """The same threshold by radix select: histograms over 11, 11 and 10 bits of the key (as
+    unsigned), each pass keeping only the keys that share the digits found so far."""
     ukey = key ^ -2147483648  # signed order -> unsigned bit order
-    bins = tl.arange(0, 2048)
-    need = n
     prefix = tl.zeros([], tl.int32)
-    cand = inb
-    for i in tl.static_range(3):
-        shift: tl.constexpr = 21 - 11 * i if i < 2 else 0
-        width: tl.constexpr = 11 if i < 2 else 10
-        digit = (ukey >> shift) & ((1 << width) - 1)
-        hist = tl.histogram(digit, 2048, mask=cand)
-        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys among candidates with digit >= d
-        d = tl.sum((ge >= need).to(tl.int32), 0) - 1
-        d = tl.minimum(tl.maximum(d, 0), (1 << width) - 1)
-        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-        prefix = (prefix << width) | d
-        cand = cand & (digit == d)
+    cand, need, prefix = _radix_pass(ukey, inb, n, prefix, 21, 11)
+    cand, need, prefix = _radix_pass(ukey, cand, need, prefix, 10, 11)
+    cand, need, prefix = _radix_pass(ukey, cand, need, prefix, 0, 10)
     return prefix ^ -2147483648
 
 
 @triton.jit
 def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slots, ppm, min_blocks,
-              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr):
+              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr,
+              WAYS: tl.constexpr):
     """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1."""
     n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
     n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
@@ -92,12 +103,17 @@ def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slot
     key = tl.where(inb & (offs >= nb - local_blocks), 2147483647, key)
     if RADIX:
         t = _threshold_radix(key, inb, n)
+        c_t = n + 1
     else:
-        t = _threshold_bisect(key, inb, nb, n)
-    gt = inb & (key > t) & (n > 0)
-    need = n - tl.sum(gt.to(tl.int32))
-    eq = (inb & (key == t)).to(tl.int32)
-    sel = gt | ((eq != 0) & (tl.cumsum(eq, 0) <= need))
+        t, c_t = _threshold_bisect(key, inb, nb, n, WAYS)
+    if c_t == n:
+        # Exactly n keys are >= t (the usual case with distinct scores): no ties to break.
+        sel = inb & (key >= t) & (n > 0)
+    else:
+        gt = inb & (key > t) & (n > 0)
+        need = n - tl.sum(gt.to(tl.int32))
+        eq = (inb & (key == t)).to(tl.int32)
+        sel = gt | ((eq != 0) & (tl.cumsum(eq, 0) <= need))
     sel_i = sel.to(tl.int32)
     pos = tl.cumsum(sel_i, 0) - 1
     tl.store(table_row + pos.to(tl.int64) * stride_ts, offs.to(tl.int32), mask=sel)
@@ -121,7 +137,7 @@ def select_blocks_kernel(
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks, chunks,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
-    FUSED: tl.constexpr, RADIX: tl.constexpr,
+    FUSED: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
 ):
     """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
 
@@ -157,7 +173,7 @@ def select_blocks_kernel(
         if done == chunks - 1:
             table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
             _topn_row(keys_row, table_row, stride_ts, nsel_ptr + b, hk == 0, nb, num_slots, ppm,
-                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX)
+                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX, WAYS)
             tl.atomic_xchg(count_ptr + row, 0)
 
 
@@ -166,7 +182,7 @@ def select_topn_kernel(
     lens_ptr, keys_ptr, table_ptr, nsel_ptr,
     stride_tb, stride_th, stride_ts,
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks,
-    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr,
+    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
 ):
     """Top-n of one (row, KV head) from the keys `select_blocks_kernel` wrote (two-pass variant)."""
     row = tl.program_id(0)
@@ -176,7 +192,25 @@ def select_topn_kernel(
     nb = (length + BS - 1) // BS
     table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
     _topn_row(keys_ptr + row.to(tl.int64) * nbmax, table_row, stride_ts, nsel_ptr + b, hk == 0, nb,
-              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX)
+              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX, WAYS)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Launch shape of the scoring pass: summary blocks per tile, tiles per program (at most),
+    warps (the fused variant uses at least what its top-n needs)."""
+
+    blocks_per_tile: int = 64
+    max_tiles: int = 4
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.blocks_per_tile < 1 or self.blocks_per_tile & (self.blocks_per_tile - 1) or self.max_tiles < 1:
+            raise ValueError(f"blocks_per_tile must be a power of two and max_tiles >= 1, got {self}")
+
+
+# The short list the benchmark sweeps.
+SCORE_CONFIGS = (ScoreConfig(64, 4, 4), ScoreConfig(64, 1, 4), ScoreConfig(128, 1, 8), ScoreConfig(32, 2, 4))
 
 
 @dataclass(frozen=True)
@@ -230,9 +264,10 @@ def select_blocks(
     local_blocks: int = 1,
     num_slots: int | None = None,
     method: str = "fused",
-    topn: str = "bisect",
+    topn: str = "search",
     workspace: SelectionWorkspace | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    score_config: "ScoreConfig | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose, per (row, KV head), the blocks a decode query attends to; same contract as
     `resa.ref.select_blocks_ref`, without a host sync.
@@ -246,7 +281,9 @@ def select_blocks(
     num_selected [B] int32), written into `out` when given.
     method: "fused" (one launch), "two_pass" (score, then top-n) or "torch" (score, then torch.topk);
     "scores" only writes the workspace keys (a benchmark aid: table and counts are left unwritten).
-    topn: how the in-kernel top-n finds its threshold, "bisect" or "radix" (same result).
+    score_config: launch shape of the scoring pass (default ScoreConfig()).
+    topn: how the in-kernel top-n finds its threshold (same result): "search" (9-ary search, 8
+    counts per block reduction), "bisect" (1 count per reduction) or "radix" (histograms).
     """
     name = "select_blocks"
     if num_slots is None:
@@ -297,13 +334,15 @@ def select_blocks(
     if block_nb > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
         method = "torch"
     ppm = ratio_ppm(active_ratio)
-    # A 64-block tile of D=128 bf16 min+max is 32 KB; 4 tiles a program keep the grid large at
-    # batch 1 (256K tokens: 64 programs per row) while amortising the query pooling.
-    block_b = 16 if interpreting() else 64
-    tiles = 1 if interpreting() else max(1, min(4, triton.cdiv(nbmax, block_b * 64)))
+    ways = 1 if topn == "bisect" else 8
+    sc = score_config or ScoreConfig()
+    # Up to max_tiles tiles a program, but at least ~64 programs per row so batch 1 fills the GPU.
+    block_b = 16 if interpreting() else sc.blocks_per_tile
+    tiles = 1 if interpreting() else max(1, min(sc.max_tiles, triton.cdiv(nbmax, block_b * 64)))
     chunks = triton.cdiv(nbmax, block_b * tiles)
     fused = method == "fused"
-    num_warps = 4 if block_nb <= 4096 else (8 if block_nb <= 8192 else 16)
+    # The top-n holds a whole row in registers: 32 keys a thread at most.
+    topn_warps = max(4, min(16, block_nb // 1024))
     block_s = min(1024, triton.next_power_of_2(max(num_slots, 1)))
     wkeys = workspace.keys
     select_blocks_kernel[(B * HKV, chunks)](
@@ -314,14 +353,15 @@ def select_blocks(
         HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
         G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
         BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_S=block_s,
-        FUSED=fused, RADIX=topn == "radix", num_warps=num_warps if fused else 4,
+        FUSED=fused, RADIX=topn == "radix", WAYS=ways,
+        num_warps=max(topn_warps, sc.num_warps) if fused else sc.num_warps,
     )
     if method == "two_pass":
         select_topn_kernel[(B * HKV,)](
             lengths, wkeys, table, nsel,
             table.stride(0), table.stride(1), table.stride(2),
             HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks,
-            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, RADIX=topn == "radix", num_warps=num_warps,
+            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, RADIX=topn == "radix", WAYS=ways, num_warps=topn_warps,
         )
     elif method == "torch":
         _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, ppm=ppm,

@@ -165,9 +165,9 @@ def merge_splits_kernel(
 class DecodeConfig:
     """Launch shape of `sparse_decode_kernel`: blocks per iteration, warps, pipeline stages."""
 
-    blocks_per_iter: int = 4
+    blocks_per_iter: int = 8
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
     def __post_init__(self) -> None:
         if self.blocks_per_iter < 1 or self.blocks_per_iter & (self.blocks_per_iter - 1):
@@ -176,8 +176,7 @@ class DecodeConfig:
 
 # The short list the benchmark sweeps; the default above is its winner on an H100 (docs/kernels.md).
 DECODE_CONFIGS = (
-    DecodeConfig(4, 4, 2), DecodeConfig(4, 4, 3), DecodeConfig(8, 4, 2),
-    DecodeConfig(8, 8, 3), DecodeConfig(2, 4, 4),
+    DecodeConfig(8, 4, 2), DecodeConfig(8, 4, 3), DecodeConfig(4, 4, 3), DecodeConfig(8, 8, 2),
 )
 
 
