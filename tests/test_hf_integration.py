@@ -250,3 +250,37 @@ def test_unsupported_models_fail_clearly():
     plain = hf_model("llama")
     with pytest.raises(ValueError, match="enable"):
         plain.generate(torch.tensor(prompts([20])), custom_generate=rhf.generate, max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_default_model_resa_equals_our_engine():
+    """SmolLM2-135M (GGUF) through transformers + resa.hf gives our engine's tokens, default
+    ReSA settings but f = 8, both rectification variants, on a prompt long enough to be sparse."""
+    pytest.importorskip("gguf")
+    from resa.default_model import default_model_path
+
+    try:
+        path = default_model_path()
+    except Exception as exc:  # the model package is optional
+        pytest.skip(str(exc))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    from resa.loader import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    # Our model gets transformers' dequantized tensors, so both run on exactly the same weights.
+    ours_model = Transformer(ckpt.config, backend="torch")
+    ours_model.load_weights(dict(model.state_dict()))
+    engine = Engine(ours_model.eval(), ckpt.tokenizer)
+    text = " ".join(f"Item {i} of the list is the number {i * 7 % 101}." for i in range(45))
+    rows = [engine.tokenizer.encode(text + " Repeat item 17 of the list:")]
+    assert len(rows[0]) > 512  # over 2x the 256 tokens below which the defaults stay dense
+    rhf.enable(model, backend="torch")
+    for variant in ("paper", "fused"):
+        resa = ResaConfig(rectify_every=8, rectify_variant=variant)
+        ours = engine.generate_ids(rows, resa=resa, max_new_tokens=24, eos_token_ids=[])
+        out = model.generate(torch.tensor(rows), custom_generate=rhf.generate, resa_config=resa,
+                             max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=model.config.pad_token_id or 0, return_dict_in_generate=True)
+        assert out.sequences[0, len(rows[0]):].tolist() == ours.token_ids[0], variant
+        assert cache_of(out).stats.rectifications == ours.stats.rectifications == 2
