@@ -2,24 +2,33 @@
 
 Loaders fail loudly: every problem (missing file, truncated shard, a tensor the config does not
 explain, a wrong shape) is a LoaderError that names the file or tensor and says what to do.
-Architectures resa cannot run raise ConfigError (from `resa.config`).
+Architectures resa cannot run raise ConfigError (from `resa.config`). GGUF conversions are cached
+in $XDG_CACHE_HOME/resa (else ~/.cache/resa); see `conversion_cache_path`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, replace
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from resa.config import ModelConfig
+from resa.config import ModelConfig, RopeConfig
 from resa.errors import LoaderError
 from resa.gguf_loader import load_gguf
 from resa.tokenizer import Tokenizer
 from resa.weights_table import check_tensors
 
 _INDEX = "model.safetensors.index.json"
+
+# Bump when the GGUF conversion changes, so caches written by older code are never read.
+CACHE_FORMAT = "1"
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_file():
         if not _is_gguf(p):
             raise LoaderError(f"{p} is not a GGUF file; for a Hugging Face checkpoint pass its folder")
-        cfg, tensors, tokenizer = load_gguf(p)
+        cfg, tensors, tokenizer = _load_gguf_cached(p)
     else:
         cfg, tensors, tokenizer = _load_hf_folder(p)
     return Checkpoint(config=_merge_token_ids(cfg, tokenizer), tensors=tensors, tokenizer=tokenizer,
@@ -149,6 +158,22 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def _load_gguf_cached(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """`load_gguf` through the conversion cache. Dequantizing the 135M default model takes ~1.5 s
+    on 2 CPU cores (Qwen2.5-0.5B ~10 s); reading the cached fp32 result back takes ~0.2 s. The
+    cache is only an accelerator: it is rebuilt from the GGUF alone whenever it is missing, stale
+    or unreadable, and RESA_NO_CACHE=1 turns it off."""
+    cache = None if os.environ.get("RESA_NO_CACHE") == "1" else conversion_cache_path(path)
+    if cache is not None and cache.is_file():
+        hit = _read_cache(cache, path)
+        if hit is not None:
+            return hit
+    cfg, tensors, tokenizer = load_gguf(path)
+    if cache is not None:
+        _write_cache(cache, path, cfg, tensors, tokenizer)
+    return cfg, tensors, tokenizer
+
+
 def _merge_token_ids(cfg: ModelConfig, tokenizer: Tokenizer | None) -> ModelConfig:
     """One source of truth for stop tokens: the config's ids plus the tokenizer's."""
     if tokenizer is None:
@@ -156,3 +181,73 @@ def _merge_token_ids(cfg: ModelConfig, tokenizer: Tokenizer | None) -> ModelConf
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
     return replace(cfg, bos_token_id=bos, eos_token_ids=eos)
+
+
+# ---- conversion cache -------------------------------------------------------------------------
+
+def conversion_cache_path(path: str | Path) -> Path:
+    """Where the converted form of GGUF `path` is cached: $XDG_CACHE_HOME/resa (else ~/.cache/resa),
+    one safetensors file keyed by the GGUF's name, size and mtime, the cache format and the
+    ModelConfig fields (so a changed file or changed conversion code never reads a stale entry)."""
+    st = Path(path).stat()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resa"
+    key = "|".join([CACHE_FORMAT, Path(path).name, str(st.st_size), str(st.st_mtime_ns),
+                    ",".join(f.name for f in fields(ModelConfig)), ",".join(f.name for f in fields(RopeConfig))])
+    return root / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _read_cache(cache: Path, path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer] | None:
+    """The cached conversion, or None (and a warning) if the entry is unreadable or does not match."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("resa_cache_format") != CACHE_FORMAT or meta.get("source_name") != path.name:
+            return None
+        cfg = _config_from_dict(json.loads(meta["config"]))
+        tokenizer = Tokenizer.from_json(meta["tokenizer"])
+        tensors = load_file(str(cache))
+        return cfg, check_tensors(cfg, tensors, str(cache)), tokenizer
+    except Exception as exc:  # any damage to the cache means: rebuild it from the GGUF
+        warnings.warn(f"ignoring unreadable GGUF conversion cache {cache} ({exc}); rebuilding it", stacklevel=4)
+        return None
+
+
+def _write_cache(cache: Path, path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
+                 tokenizer: Tokenizer) -> None:
+    """Write atomically (temp file + rename) so a crash or a concurrent reader never sees half a file.
+    Failing to write (read-only home, full disk) only costs speed, so it warns instead of raising."""
+    from safetensors.torch import save_file
+
+    meta = {"resa_cache_format": CACHE_FORMAT, "source_name": path.name, "config": json.dumps(asdict(cfg)),
+            "tokenizer": tokenizer.to_json()}
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.stem, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, cache)
+        tmp = None
+        _prune_stale(cache)
+    except OSError as exc:
+        warnings.warn(f"could not write the GGUF conversion cache {cache} ({exc}); "
+                      "set RESA_NO_CACHE=1 to stop trying", stacklevel=4)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _prune_stale(cache: Path) -> None:
+    """Remove older entries of the same GGUF file name (a re-downloaded or edited file)."""
+    prefix = cache.name[: -len("-0123456789abcdef.safetensors")]
+    for other in cache.parent.glob(f"{prefix}-*.safetensors"):
+        if other != cache and re.fullmatch(re.escape(prefix) + r"-[0-9a-f]{16}\.safetensors", other.name):
+            other.unlink(missing_ok=True)
+
+
+def _config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d, rope=RopeConfig(**d["rope"]), eos_token_ids=tuple(d["eos_token_ids"]))
+    return ModelConfig(**d)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from resa import gguf_loader
+from resa import gguf_loader, loader
 from resa.config import ConfigError, ModelConfig, RopeConfig
 from resa.errors import LoaderError
-from resa.gguf_loader import (gguf_cache_path, llama3_rope_factors, load_gguf, permute_qk,
-                              unpermute_qk)
-from resa.loader import load_checkpoint
+from resa.gguf_loader import GGUFFile, llama3_rope_factors, permute_qk, unpermute_qk
+from resa.loader import conversion_cache_path, load_checkpoint
 from tests.test_loader import CHAT_TEMPLATE, SPECIALS, VOCAB, random_tensors, tiny_vocab
 
 _TO_GGUF = {
@@ -138,6 +137,23 @@ def test_llama_file_really_is_permuted(tmp_path):
     assert not torch.equal(raw, hf) and torch.equal(unpermute_qk(raw, cfg.num_kv_heads), hf)
 
 
+def test_header_reader_agrees_with_gguf_package(tmp_path):
+    cfg = tiny_config("qwen2")
+    meta = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+            "qwen2.rope.scaling.original_context_length": 64}
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), metadata=meta, fp16=True,
+                      quant={"model.layers.0.mlp.up_proj.weight": gguf.GGMLQuantizationType.Q5_0})
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert set(ours.fields) == set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for key, value in ours.fields.items():
+        assert value.contents() == theirs.fields[key].contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == b.shape.tolist()
+        assert (a.data_offset, a.n_bytes) == (b.data_offset, b.n_bytes)
+        assert np.array_equal(a.data, b.data), a.name
+
+
 @pytest.mark.parametrize("n_head,d", [(1, 2), (3, 8), (9, 64)])
 def test_permute_inverse(n_head, d):
     w = torch.randn(n_head * d, 5)
@@ -250,21 +266,26 @@ def test_unsupported_pre_tokenizer(tmp_path):
         load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg), pre="tekken"))
 
 
-# ---- conversion cache -------------------------------------------------------------------------
+# ---- conversion cache ---------------------------------------------------------------------------
+
+def _load(path):
+    ck = load_checkpoint(path)
+    return ck.config, ck.tensors, ck.tokenizer
+
 
 def test_cache_is_used_and_equal(tmp_path, monkeypatch):
     cfg = tiny_config("llama")
     path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
-    first = load_gguf(path)
-    cache = gguf_cache_path(path)
+    first = _load(path)
+    cache = conversion_cache_path(path)
     assert cache.is_file() and cache.parent == tmp_path / "xdg" / "resa"
     assert not list(cache.parent.glob("*.tmp"))
 
     def refuse(_):
-        raise AssertionError("the GGUF was parsed again despite a valid cache")
+        raise AssertionError("the GGUF was converted again despite a valid cache")
 
-    monkeypatch.setattr(gguf_loader, "open_gguf", refuse)
-    second = load_gguf(path)
+    monkeypatch.setattr(loader, "load_gguf", refuse)
+    second = _load(path)
     assert second[0] == first[0]
     assert all(torch.equal(second[1][k], v) for k, v in first[1].items())
     assert second[2].encode("<|im_start|>hello") == first[2].encode("<|im_start|>hello")
@@ -274,30 +295,29 @@ def test_cache_is_used_and_equal(tmp_path, monkeypatch):
 def test_cache_invalidated_by_new_file_and_stale_entry_pruned(tmp_path):
     cfg = tiny_config("llama")
     path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg, seed=1))
-    load_gguf(path)
-    old = gguf_cache_path(path)
+    _load(path)
+    old = conversion_cache_path(path)
     tensors = random_tensors(cfg, seed=2)
     write_gguf(path, cfg, tensors)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
-    _, got, _ = load_gguf(path)
+    _, got, _ = _load(path)
     assert torch.equal(got["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
-    assert gguf_cache_path(path) != old and not old.exists() and gguf_cache_path(path).is_file()
+    assert conversion_cache_path(path) != old and not old.exists() and conversion_cache_path(path).is_file()
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
     cfg = tiny_config("llama")
     path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
-    load_gguf(path)
-    cache = gguf_cache_path(path)
+    _load(path)
+    cache = conversion_cache_path(path)
     cache.write_bytes(cache.read_bytes()[:100])
     with pytest.warns(UserWarning, match="unreadable GGUF conversion cache"):
-        _, tensors, _ = load_gguf(path)
+        _, tensors, _ = _load(path)
     assert len(tensors) == len(random_tensors(cfg)) and cache.stat().st_size > 1000
 
 
 def test_no_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RESA_NO_CACHE", "1")
     cfg = tiny_config("llama")
-    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
-    load_gguf(path)
+    _load(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg)))
     assert not (tmp_path / "xdg").exists()
