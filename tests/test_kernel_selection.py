@@ -80,8 +80,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,topn", [("fused", "search"), ("fused", "bisect"), ("fused", "radix"),
-                                         ("two_pass", "search"), ("torch", "search")],
+@pytest.mark.parametrize("method,topn", [("fused", "interp"), ("fused", "bisect"), ("fused", "radix"),
+                                         ("two_pass", "interp"), ("torch", "interp")],
                          ids=["fused", "fused-bisect", "fused-radix", "two_pass", "torch"])
 @pytest.mark.parametrize("lengths,hkv,g,d,ratio,min_blocks,local", CASES)
 def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method, topn):
@@ -113,7 +113,7 @@ def test_select_blocks_fp16_and_padded_summaries():
     assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, 1)
 
 
-@pytest.mark.parametrize("topn", ["search", "bisect", "radix"])
+@pytest.mark.parametrize("topn", ["interp", "bisect", "radix"])
 def test_select_blocks_ties_take_lowest_index(topn):
     """Equal scores: the lowest block indices win (deterministic, like a stable sort)."""
     B, HKV, D, nb = 1, 1, 64, 20
@@ -140,7 +140,7 @@ def test_select_blocks_requires_num_slots_and_checks_inputs():
         select_blocks(q, kmin, kmax, lens, block_size=BS, active_ratio=0.1, min_blocks=2, num_slots=4, method="x")
 
 
-@pytest.mark.parametrize("method,topn", [("fused", "search"), ("two_pass", "bisect"), ("fused", "radix")])
+@pytest.mark.parametrize("method,topn", [("fused", "interp"), ("two_pass", "bisect"), ("fused", "radix")])
 def test_select_blocks_many_ties_stable(method, topn):
     """Scores drawn from 5 values: the chosen set is the n best, ties broken by lowest index."""
     gen = torch.Generator().manual_seed(7)

@@ -40,8 +40,8 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("lengths,H,HKV,D", SHAPES)
-@pytest.mark.parametrize("method,topn", [("fused", "search"), ("fused", "bisect"), ("fused", "radix"),
-                                         ("two_pass", "search"), ("torch", "search")])
+@pytest.mark.parametrize("method,topn", [("fused", "interp"), ("fused", "bisect"), ("fused", "radix"),
+                                         ("two_pass", "interp"), ("torch", "interp")])
 def test_select_blocks_gpu(lengths, H, HKV, D, method, topn):
     from resa.kernels import select_blocks
     from tests.test_kernel_selection import assert_same_selection

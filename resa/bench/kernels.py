@@ -127,7 +127,7 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
         for sc in SCORE_CONFIGS:
             fn = lambda c=sc: select_blocks(q, kmin, kmax, lengths, **sel_kw, method="scores", workspace=ws, out=(table, nsel), score_config=c)  # noqa: E731
             record("scoring", f"bpt{sc.blocks_per_tile}-t{sc.max_tiles}-w{sc.num_warps}", _bench_graph(fn, g), sum_bytes)
-    for method, topn in (("fused", "search"), ("fused", "bisect"), ("two_pass", "search"), ("torch", "search"), ("scores", "search")):
+    for method, topn in (("fused", "interp"), ("fused", "bisect"), ("two_pass", "interp"), ("two_pass", "bisect"), ("torch", "interp"), ("scores", "interp")):
         fn = lambda m=method, t=topn: select_blocks(q, kmin, kmax, lengths, **sel_kw, method=m, topn=t, workspace=ws, out=(table, nsel))  # noqa: E731
         record("selection", method if method not in ("fused", "two_pass") else f"{method}-{topn}", _bench_graph(fn, g), sum_bytes)
     select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))
@@ -220,7 +220,7 @@ def markdown(result: dict) -> str:
             f"| {s[0]} | {s[1] // KIB}K | {s[2]} | {sd['time_us']:.1f} | {se['time_us']:.1f} | {at['time_us']:.1f} | "
             f"{at['gbps']:.0f} ({100 * at['frac_copy_bw']:.0f}%) | {gr['time_us']:.1f} | {gr['floor_us']:.1f} | "
             f"{gr['time_us'] / gr['floor_us']:.2f} | **{gr['speedup_vs_sdpa']:.2f}x** | {e['time_us']:.0f} / {sde['time_us']:.0f} us |")
-    methods = ("default", "fused-search", "fused-bisect", "two_pass-search", "torch", "scores")
+    methods = ("default", "fused-interp", "fused-bisect", "two_pass-interp", "two_pass-bisect", "torch", "scores")
     lines += ["", "## Selection methods (us, graph replay; 'scores' = scoring pass alone, no top-n)", "",
               "| model | context | batch | " + " | ".join(methods) + " | floor |", "|---|---|---|" + "---|" * (len(methods) + 1)]
     for s in shapes:

@@ -26,8 +26,8 @@ from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, chec
 # Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
 # over the kernel's keys (512K tokens at block 16 still fit).
 MAX_TOPN_BLOCKS = 32768
-METHODS = ("fused", "two_pass", "torch", "scores")
-TOPN = ("search", "bisect", "radix")
+METHODS = ("auto", "fused", "two_pass", "torch", "scores")
+TOPN = ("interp", "bisect", "radix")
 
 
 @triton.jit
@@ -40,26 +40,51 @@ def _score_to_key(s):
 
 
 @triton.jit
-def _threshold_bisect(key, inb, nb, n, WAYS: tl.constexpr):
-    """Largest t with count(key >= t) >= n, by a (WAYS + 1)-ary search on the key: each round counts
-    the keys above WAYS evenly spaced candidates in one block reduction (the reductions, not the
-    compares, are what cost), and the search stops as soon as exactly n keys clear a candidate.
-    Returns (t, count(key >= t))."""
+def _threshold_bisect(key, inb, nb, n, nloc, INTERP: tl.constexpr):
+    """Largest t with count(key >= t) >= n. Returns (t, count(key >= t)).
+
+    Each round costs one pass over the row held in registers plus one block reduction, so the
+    number of rounds is what matters. Plain bisection halves the key interval per round (~20
+    rounds). INTERP guesses where the count crosses n by linear interpolation between the interval
+    ends (keys of nearby floats are linear in the value) and probes two keys around the guess in
+    the same reduction; when a round fails to bracket the crossing, the next one probes around
+    the midpoint, so the interval still at least halves every two rounds. Both stop as soon as
+    exactly n keys clear the lower end."""
+    valid_other = inb & (key != 2147483647)
     lo = tl.min(tl.where(inb, key, 2147483647)).to(tl.int64)
-    hi = tl.max(key).to(tl.int64)
+    # The answer is INT_MAX when the forced local blocks alone fill the budget; otherwise it is
+    # at most the largest non-local key.
+    hi = tl.where(n <= nloc, 2147483647, tl.max(tl.where(valid_other, key, -2147483648))).to(tl.int64)
+    hi = tl.maximum(hi, lo)
     c_lo = nb
-    j = tl.arange(0, WAYS) + 1
-    while (lo < hi) & (c_lo != n):
-        cand = lo + ((hi - lo + 1) * j) // (WAYS + 1)  # [WAYS], ascending, in [lo, hi]
-        cnt = tl.sum((key[None, :] >= cand.to(tl.int32)[:, None]).to(tl.int32), 1)
-        ok = cnt >= n  # a prefix of the candidates (counts fall as candidates rise)
-        k = tl.sum(ok.to(tl.int32), 0)  # candidates that keep >= n keys
-        new_lo = tl.max(tl.where(ok, cand, lo), 0)
-        c_new = tl.min(tl.where(ok, cnt, c_lo), 0)
-        nxt = tl.min(tl.where(ok, hi + 1, cand), 0)  # first candidate with < n keys
-        lo = new_lo
-        c_lo = tl.where(k > 0, c_new, c_lo)
-        hi = tl.minimum(hi, nxt - 1)
+    c_up = tl.where(n <= nloc, 0, nloc)  # count(key >= hi + 1)
+    if INTERP:
+        pair = tl.arange(0, 2)
+        bracketed = 1
+        while (lo < hi) & (c_lo != n):
+            span = hi + 1 - lo
+            guess = lo + (span * (c_lo - n).to(tl.int64)) // tl.maximum(c_lo - c_up, 1).to(tl.int64)
+            guess = tl.where(bracketed != 0, guess, lo + (span >> 1))
+            delta = tl.maximum(span >> 6, 1)
+            cand = tl.minimum(tl.maximum(guess - delta + 2 * delta * pair, lo + 1), hi)  # [2], ascending
+            cnt = tl.sum((key[None, :] >= cand.to(tl.int32)[:, None]).to(tl.int32), 1)
+            ok = cnt >= n
+            k = tl.sum(ok.to(tl.int32), 0)
+            lo_new = tl.max(tl.where(ok, cand, lo), 0)
+            c_lo = tl.where(k > 0, tl.min(tl.where(ok, cnt, nb), 0), c_lo)
+            up_new = tl.min(tl.where(ok, hi + 1, cand), 0)
+            c_up = tl.where(k < 2, tl.max(tl.where(ok, 0, cnt), 0), c_up)
+            bracketed = (k == 1).to(tl.int32)
+            lo = lo_new
+            hi = tl.minimum(hi, up_new - 1)
+    else:
+        while (lo < hi) & (c_lo != n):
+            mid = (lo + hi + 1) >> 1
+            c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
+            take = c >= n
+            lo = tl.where(take, mid, lo)
+            c_lo = tl.where(take, c, c_lo)
+            hi = tl.where(take, hi, mid - 1)
     return lo.to(tl.int32), c_lo
 
 
@@ -105,7 +130,7 @@ def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slot
         t = _threshold_radix(key, inb, n)
         c_t = n + 1
     else:
-        t, c_t = _threshold_bisect(key, inb, nb, n, WAYS)
+        t, c_t = _threshold_bisect(key, inb, nb, n, tl.minimum(local_blocks, nb), WAYS == 2)
     if c_t == n:
         # Exactly n keys are >= t (the usual case with distinct scores): no ties to break.
         sel = inb & (key >= t) & (n > 0)
@@ -201,7 +226,7 @@ class ScoreConfig:
     warps (the fused variant uses at least what its top-n needs)."""
 
     blocks_per_tile: int = 64
-    max_tiles: int = 4
+    max_tiles: int = 1
     num_warps: int = 4
 
     def __post_init__(self) -> None:
@@ -210,7 +235,7 @@ class ScoreConfig:
 
 
 # The short list the benchmark sweeps.
-SCORE_CONFIGS = (ScoreConfig(64, 4, 4), ScoreConfig(64, 1, 4), ScoreConfig(128, 1, 8), ScoreConfig(32, 2, 4))
+SCORE_CONFIGS = (ScoreConfig(64, 1, 4), ScoreConfig(64, 4, 4), ScoreConfig(128, 1, 8), ScoreConfig(32, 2, 4))
 
 
 @dataclass(frozen=True)
@@ -263,8 +288,8 @@ def select_blocks(
     min_blocks: int,
     local_blocks: int = 1,
     num_slots: int | None = None,
-    method: str = "fused",
-    topn: str = "search",
+    method: str = "auto",
+    topn: str = "interp",
     workspace: SelectionWorkspace | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     score_config: "ScoreConfig | None" = None,
@@ -279,11 +304,13 @@ def select_blocks(
     num_slots: S, the table width, required (no host sync to derive it): at least the largest n_b,
     e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 ascending then -1,
     num_selected [B] int32), written into `out` when given.
-    method: "fused" (one launch), "two_pass" (score, then top-n) or "torch" (score, then torch.topk);
+    method: "fused" (one launch), "two_pass" (score, then top-n), "torch" (score, then torch.topk),
+    or "auto": fused only for at most 4 (row, KV head) pairs, where its saved launch gap matters
+    more than running the scoring pass with the top-n's 16 warps (docs/kernels.md has the numbers);
     "scores" only writes the workspace keys (a benchmark aid: table and counts are left unwritten).
     score_config: launch shape of the scoring pass (default ScoreConfig()).
-    topn: how the in-kernel top-n finds its threshold (same result): "search" (9-ary search, 8
-    counts per block reduction), "bisect" (1 count per reduction) or "radix" (histograms).
+    topn: how the in-kernel top-n finds its threshold (same result): "interp" (interpolation
+    search), "bisect" (bisection) or "radix" (histograms; slow, kept as a measured alternative).
     """
     name = "select_blocks"
     if num_slots is None:
@@ -331,10 +358,12 @@ def select_blocks(
         nsel.zero_()
         return table, nsel
     block_nb = triton.next_power_of_2(nbmax)
+    if method == "auto":
+        method = "fused" if B * HKV <= 4 else "two_pass"
     if block_nb > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
         method = "torch"
     ppm = ratio_ppm(active_ratio)
-    ways = 1 if topn == "bisect" else 8
+    ways = 1 if topn == "bisect" else 2
     sc = score_config or ScoreConfig()
     # Up to max_tiles tiles a program, but at least ~64 programs per row so batch 1 fills the GPU.
     block_b = 16 if interpreting() else sc.blocks_per_tile
