@@ -173,6 +173,15 @@ def test_f16_tensors_keep_dtype(tmp_path):
     assert w.dtype == torch.float16 and torch.equal(w.float(), tensors["model.layers.1.mlp.down_proj.weight"])
 
 
+def test_bf16_tensors_keep_dtype(tmp_path):
+    cfg = tiny_config("llama")
+    tensors = {k: v.bfloat16().float() for k, v in random_tensors(cfg).items()}
+    name = "model.layers.0.self_attn.k_proj.weight"
+    ck = load_checkpoint(write_gguf(tmp_path / "m.gguf", cfg, tensors,
+                                    quant={name: gguf.GGMLQuantizationType.BF16}))
+    assert ck.tensors[name].dtype == torch.bfloat16 and torch.equal(ck.tensors[name].float(), tensors[name])
+
+
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1,
                                    gguf.GGMLQuantizationType.Q4_0])
 def test_quantized_tensors_dequantize(tmp_path, qtype):

@@ -176,3 +176,7 @@ def test_sentencepiece_gguf_vocab():
     assert tok.decode(ids) == "hello hello"
     accent = tok.encode("é", add_bos=False)  # not in the vocabulary: UTF-8 byte fallback
     assert accent == [265, 3 + 0xC3, 3 + 0xA9] and tok.decode(accent) == "é"
+    # Streaming keeps the spaces that the decoder strips at the start of a sequence.
+    ids = tok.encode("hello é hello", add_bos=False)
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids) == "hello é hello"
