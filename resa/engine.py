@@ -1,14 +1,8 @@
 """Generation engine: dense chunked prefill, sparse decode steps, rectification cadence.
 
 All rows of a batch generate in lock-step (token t of every row in the same step), so one
-rectification schedule serves the whole batch; prompts may differ in length.
-
-Rectification (DESIGN.md 1.3), for f = rectify_every and generated tokens numbered from 0:
-- paper: after sampling token t (t > 0, t % f == 0) tokens t-f .. t-1 are re-run densely and their
-  K/V overwritten; token t is then fed by a sparse step.
-- fused: tokens are fed sparsely except when t % f == f - 1, where one dense pass over tokens
-  t-f+1 .. t rewrites the f-1 sparse-made entries, writes token t and gives the next logits.
-Both rectify the same windows of f tokens; fused saves one forward per window.
+rectification schedule (`resa.rectify.feed_token`) serves the whole batch; prompts may differ in
+length.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ import torch
 from .cache import KVCache, Span
 from .config import ResaConfig
 from .model import Transformer
+from .rectify import feed_token
 from .ref.selection import block_budget
 from .sampling import SamplingConfig, make_generator, sample
 
@@ -198,8 +193,11 @@ class Engine:
         for row, ids in enumerate(result.token_ids):
             if stopped[row]:
                 result.finish_reasons[row] = "stop"
-            else:
-                texts[row] = self.tokenizer.decode(ids)
+                continue
+            tail = decoders[row].flush()
+            if on_text is not None and tail:
+                on_text(row, tail)
+            texts[row] = self.tokenizer.decode(ids)
         result.texts = texts
         return result
 
@@ -245,8 +243,8 @@ class Engine:
         outputs: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         done = [False] * B
-        f = resa.rectify_every
         sparse_cfg = None if resa.is_dense else resa
+        runner = CacheRunner(self, cache)
         for t in range(max_new_tokens):
             token = sample(logits, sampling, gen)
             history[:, t] = token
@@ -261,19 +259,16 @@ class Engine:
                     done[b], reasons[b] = True, "stop"
             if all(done) or t == max_new_tokens - 1:
                 break
-            dense_reads = sum(cache.host_lengths) + B
-            if resa.rectifies and resa.rectify_variant == "paper" and t > 0 and t % f == 0:
-                self.dense_window(cache, history[:, t - f:t], overwrite=f)
-                stats.rectifications += 1
-                stats.kv_tokens_read += sum(cache.host_lengths)
-            if resa.rectifies and resa.rectify_variant == "fused" and t % f == f - 1:
-                logits = self.dense_window(cache, history[:, t - f + 1:t + 1], overwrite=f - 1)
-                stats.rectifications += 1
-                stats.kv_tokens_read += dense_reads
-            else:
-                logits = self.step(cache, token, sparse_cfg)
+            cached = sum(cache.host_lengths)
+            fed = feed_token(runner, history, t, resa)
+            logits = fed.logits
+            stats.rectifications += fed.rectified
+            if fed.sparse:
                 stats.kv_tokens_read += self._step_reads(cache.host_lengths, sparse_cfg)
-            stats.kv_tokens_dense += dense_reads
+                stats.kv_tokens_read += cached if fed.rectified else 0
+            else:
+                stats.kv_tokens_read += cached + B
+            stats.kv_tokens_dense += cached + B
             stats.decode_steps += 1
         stats.decode_seconds = _now(self.device) - t1
         stats.new_tokens = [len(o) for o in outputs]
@@ -297,6 +292,19 @@ class Engine:
             kept = block_budget(nb, resa.active_ratio, resa.min_blocks)
             total += min(kept * resa.block_size, n) + (nb if kept < nb else 0)
         return total
+
+
+class CacheRunner:
+    """An engine bound to one cache: the `resa.rectify.Runner` the rectification schedule drives."""
+
+    def __init__(self, engine: Engine, cache: KVCache) -> None:
+        self.engine, self.cache = engine, cache
+
+    def step(self, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
+        return self.engine.step(self.cache, tokens, resa)
+
+    def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+        return self.engine.dense_window(self.cache, tokens, overwrite)
 
 
 def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:

@@ -3,7 +3,8 @@
 The loop mirrors transformers' sampling loop (same logits processors, stopping criteria, sampling
 settings, EOS padding of finished rows, same output types) and our engine's schedule
 (`resa.engine`): dense chunked prefill, sparse decode steps, and a dense rectification pass every
-f = rectify_every generated tokens that overwrites the window's K/V in every layer:
+f = rectify_every generated tokens that overwrites the window's K/V in every layer (the schedule is
+`resa.rectify.feed_token`, shared with the engine):
 - paper: after sampling token t (t > 0, t % f == 0), tokens t-f .. t-1 are re-run densely and their
   K/V overwritten; token t is then fed by a sparse step.
 - fused: tokens are fed sparsely except when t % f == f - 1, where one dense pass over tokens
@@ -20,6 +21,7 @@ import torch
 
 from ..cache import Span
 from ..config import ResaConfig
+from ..rectify import feed_token
 from .cache import ResaCache, ResaPass
 from .enable import enabled_config
 
@@ -194,7 +196,6 @@ def generate(
     history = torch.empty(B, max_new, dtype=torch.int64, device=run.device)
     unfinished = torch.ones(B, dtype=torch.long, device=device)
     f = resa.rectify_every
-    sparse = None if resa.is_dense else resa
     for t in range(max_new):
         scores = logits_processor(sequences, logits)
         if keep_scores:
@@ -214,18 +215,15 @@ def generate(
         unfinished = unfinished & ~stopping_criteria(sequences, scores)
         if unfinished.max() == 0 or t == max_new - 1:
             break
-        if resa.rectifies and resa.rectify_variant == "paper" and t > 0 and t % f == 0:
-            cache.stats.rectified_at.append((t, cache.lengths[0] - f, f))
-            run.dense_window(history[:, t - f:t], overwrite=f)
+        length_before = cache.lengths[0]
+        fed = feed_token(run, history, t, resa)
+        if fed.rectified:
+            # the window ends at the newest token before the paper pass, after the fused one
+            end = length_before if fed.sparse else length_before + 1
+            cache.stats.rectified_at.append((t, end - f, f))
             cache.stats.rectifications += 1
-        if resa.rectifies and resa.rectify_variant == "fused" and t % f == f - 1:
-            cache.stats.rectified_at.append((t, cache.lengths[0] - (f - 1), f))
-            logits = run.dense_window(history[:, t - f + 1:t + 1], overwrite=f - 1)
-            cache.stats.rectifications += 1
-        else:
-            logits = run.step(token, sparse)
-            cache.stats.sparse_steps += sparse is not None
-        logits = logits.to(device)
+        cache.stats.sparse_steps += fed.sparse
+        logits = fed.logits.to(device)
         cache.stats.decode_steps += 1
     if streamer is not None:
         streamer.end()
