@@ -6,7 +6,8 @@ Layout of the work:
   scratch row. With FUSED, every program then bumps a per-row counter; the program that finishes
   a row last runs the exact top-n of that row (one launch in all). The counter is reset by that
   program, so the scratch counters stay zero between calls.
-- `select_topn_kernel`, grid (B * HKV): the same top-n as a second launch (the two-pass variant).
+- `select_topn_kernel`, grid (B * HKV): the same top-n as a second launch (the two-pass variant,
+  the default: faster on H100 because the scoring pass keeps 4 warps a program).
 The top-n holds a whole row of keys in registers, bisects the threshold key (stopping as soon as
 exactly n keys clear it), breaks ties by lowest block index, and compacts the chosen indices into
 ascending order with a prefix sum.
@@ -26,8 +27,8 @@ from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, chec
 # Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
 # over the kernel's keys (512K tokens at block 16 still fit).
 MAX_TOPN_BLOCKS = 32768
-METHODS = ("auto", "fused", "two_pass", "torch", "scores")
-TOPN = ("interp", "bisect", "radix")
+METHODS = ("two_pass", "fused", "torch", "scores")
+TOPN = ("bisect", "interp", "radix")
 
 
 @triton.jit
@@ -288,8 +289,8 @@ def select_blocks(
     min_blocks: int,
     local_blocks: int = 1,
     num_slots: int | None = None,
-    method: str = "auto",
-    topn: str = "interp",
+    method: str = "two_pass",
+    topn: str = "bisect",
     workspace: SelectionWorkspace | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     score_config: "ScoreConfig | None" = None,
@@ -304,13 +305,14 @@ def select_blocks(
     num_slots: S, the table width, required (no host sync to derive it): at least the largest n_b,
     e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 ascending then -1,
     num_selected [B] int32), written into `out` when given.
-    method: "fused" (one launch), "two_pass" (score, then top-n), "torch" (score, then torch.topk),
-    or "auto": fused only for at most 4 (row, KV head) pairs, where its saved launch gap matters
-    more than running the scoring pass with the top-n's 16 warps (docs/kernels.md has the numbers);
+    method: "two_pass" (score, then top-n: fastest on H100 at every measured shape), "fused" (one
+    launch, but the scoring pass then runs with the top-n's 16 warps) or "torch" (score, then
+    torch.topk); docs/kernels.md has the numbers;
     "scores" only writes the workspace keys (a benchmark aid: table and counts are left unwritten).
     score_config: launch shape of the scoring pass (default ScoreConfig()).
-    topn: how the in-kernel top-n finds its threshold (same result): "interp" (interpolation
-    search), "bisect" (bisection) or "radix" (histograms; slow, kept as a measured alternative).
+    topn: how the in-kernel top-n finds its threshold (same result): "bisect" (default),
+    "interp" (interpolation search: fewer rounds but two probes each; slower on H100) or "radix"
+    (histograms; much slower). Both alternatives are kept as measured baselines.
     """
     name = "select_blocks"
     if num_slots is None:
@@ -358,8 +360,6 @@ def select_blocks(
         nsel.zero_()
         return table, nsel
     block_nb = triton.next_power_of_2(nbmax)
-    if method == "auto":
-        method = "fused" if B * HKV <= 4 else "two_pass"
     if block_nb > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
         method = "torch"
     ppm = ratio_ppm(active_ratio)
