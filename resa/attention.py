@@ -48,20 +48,23 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     Returns [B, H, T, D] in q's dtype. Only slots < span.end[b] are read.
     """
     B, H, T, D = q.shape
+    HKV = k.shape[1]
+    G = H // HKV
     ends = span.end
     n_keys = max(ends)
     kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
-    pos_j = torch.arange(n_keys, device=q.device)
-    pos_q = span.start_t[:, None] + torch.arange(T, device=q.device)[None, :]
-    allowed = (pos_j[None, None, :] <= pos_q[:, :, None]) & (pos_j[None, None, :] < span.end_t[:, None, None])
     if min(ends) < n_keys:
         # Ragged rows: slots past a row's end may hold anything; they must not reach the output.
-        key_ok = (pos_j[None, :] < span.end_t[:, None])[:, None, :, None]
+        key_ok = (torch.arange(n_keys, device=q.device)[None, :] < span.end_t[:, None])[:, None, :, None]
         kk = torch.where(key_ok, kk, torch.zeros((), dtype=kk.dtype, device=kk.device))
         vv = torch.where(key_ok, vv, torch.zeros((), dtype=vv.dtype, device=vv.device))
-    return F.scaled_dot_product_attention(
-        q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=allowed[:, None], enable_gqa=H != k.shape[1]
-    )
+    # Fold the G query heads of a group into the query axis: K/V stay unexpanded [B, HKV, N, D].
+    qf = q.reshape(B, HKV, G * T, D)
+    pos_q = (span.start_t[:, None] + torch.arange(T, device=q.device)[None, :]).repeat(1, G)
+    pos_j = torch.arange(n_keys, device=q.device)
+    allowed = (pos_j[None, None, :] <= pos_q[:, :, None]) & (pos_j[None, None, :] < span.end_t[:, None, None])
+    out = F.scaled_dot_product_attention(qf, kk.to(q.dtype), vv.to(q.dtype), attn_mask=allowed[:, None])
+    return out.reshape(B, H, T, D)
 
 
 @dataclass
@@ -123,5 +126,16 @@ def sparse_decode_attention(
     if backend == "triton":
         from .kernels import sparse_decode
 
-        return sparse_decode(q, k, v, lengths, plan.block_table, block_size)
+        return sparse_decode(q, k, v, lengths, plan.block_table, block_size, num_selected=plan.num_selected)
     return sparse_decode_ref(q, k, v, lengths, plan.block_table, block_size).to(q.dtype)
+
+
+def full_plan(lengths: torch.Tensor, num_kv_heads: int, capacity_blocks: int, block_size: int) -> SparsePlan:
+    """A plan that selects every written block of every row (dense decode through the sparse
+    kernel, without a host sync): slots >= ceil(lengths[b] / BS) hold -1. Table [B, HKV, NBmax]."""
+    nb = (lengths + block_size - 1) // block_size
+    ids = torch.arange(capacity_blocks, device=lengths.device, dtype=torch.int32)
+    table = torch.where(ids[None, :] < nb[:, None], ids[None, :], -1)
+    table = table[:, None, :].expand(-1, num_kv_heads, -1)
+    return SparsePlan(table, nb.to(torch.int32))
+

@@ -151,6 +151,40 @@ class KVCache:
             self.kmin[layer, b, :, b0:b1] = kmin.view(hkv, b1 - b0, bs, d).amin(dim=2)
             self.kmax[layer, b, :, b0:b1] = kmax.view(hkv, b1 - b0, bs, d).amax(dim=2)
 
+    # ---- device-side writes: no host data, so a CUDA graph can replay them ----
+
+    def write_at(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
+                 use_kernels: bool = False) -> None:
+        """Store W new tokens per row at positions start[b] .. start[b] + W - 1 (start: [B] device
+        tensor; every row writes all W columns) and update that layer's summaries: incrementally
+        for W = 1, else a refresh of exactly the touched blocks. k_new, v_new: [B, HKV, W, D].
+        The caller guarantees start[b] + W <= capacity and that the row ends there."""
+        B, _, W, _ = k_new.shape
+        rows = torch.arange(B, device=k_new.device)[:, None]
+        pos = start[:, None] + torch.arange(W, device=k_new.device)[None, :]
+        # Advanced indices on dims 0 and 2 put the (B, W) index dims first: values are [B, W, HKV, D].
+        self.k[layer][rows, :, pos] = k_new.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v_new.transpose(1, 2)
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
+        if use_kernels:
+            from .kernels import refresh_summaries, update_summaries
+
+            if W == 1:
+                update_summaries(k_new[:, :, 0].contiguous(), kmin, kmax, start, self.block_size)
+            else:
+                refresh_summaries(self.k[layer], kmin, kmax, start, start + W, self.block_size)
+            return
+        if W != 1:
+            self.refresh_summaries(layer, tuple(start.tolist()), tuple((start + W).tolist()))
+            return
+        blk = start // self.block_size
+        fresh = (start % self.block_size == 0)[:, None, None]
+        k_tok = k_new[:, :, 0]
+        row = torch.arange(B, device=k_new.device)
+        old_min, old_max = kmin[row, :, blk], kmax[row, :, blk]
+        kmin[row, :, blk] = torch.where(fresh, k_tok, torch.minimum(old_min, k_tok))
+        kmax[row, :, blk] = torch.where(fresh, k_tok, torch.maximum(old_max, k_tok))
+
     def commit(self, span: Span) -> None:
         """Record the row lengths after a forward pass over `span` (called once, after all layers)."""
         self.host_lengths = list(span.end)

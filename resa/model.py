@@ -40,6 +40,17 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D]."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -52,15 +63,8 @@ class Attention(nn.Module):
         backend: str,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        cache.write(layer, k.to(cache.k.dtype), v.transpose(1, 2).to(cache.v.dtype), span)
+        q, k, v = self.qkv(x, cos, sin)
+        cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), span)
         if sparse is None:
             out = attn.dense_attention(q, cache.k[layer], cache.v[layer], span)
         else:
@@ -153,13 +157,53 @@ class Transformer(nn.Module):
         backend = attn.resolve_backend(self.backend, tokens.device)
         x = self.model.embed_tokens(tokens)
         positions = span.start_t[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scaling, x.dtype)
+        cos, sin = rope_cos_sin(positions, self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             x = x + layer.self_attn(h, cos, sin, cache, i, span, sparse, backend)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.commit(span)
         return x
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The fp32 RoPE frequencies on `device`, copied once (no host copy inside a CUDA graph)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
+    @torch.inference_mode()
+    def decode_static(self, tokens: torch.Tensor, cache: KVCache, sparse: ResaConfig | None) -> torch.Tensor:
+        """One decode step with device-side positions only, so a CUDA graph can capture it.
+
+        tokens: [B] ids, fed at positions cache.lengths (device) of each row. Writes K/V and
+        summaries, attends (sparse: GBSA plan; None: every written block, through the same
+        block-sparse attention), then increments cache.lengths in place. cache.host_lengths is
+        not touched: the caller tracks it. Returns fp32 logits [B, V].
+        """
+        backend = attn.resolve_backend(self.backend, tokens.device)
+        kernels = backend == "triton"
+        B = tokens.shape[0]
+        pos = cache.lengths
+        after = pos + 1
+        x = self.model.embed_tokens(tokens[:, None])
+        cos, sin = rope_cos_sin(pos[:, None], self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
+        dense_plan = None
+        for i, layer in enumerate(self.model.layers):
+            sa = layer.self_attn
+            q, k, v = sa.qkv(layer.input_layernorm(x), cos, sin)
+            cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), pos, use_kernels=kernels)
+            q1 = q[:, :, 0]
+            if sparse is not None:
+                plan = attn.plan_sparse(q1, cache.kmin[i], cache.kmax[i], after, sparse, backend)
+            else:
+                if dense_plan is None:
+                    dense_plan = attn.full_plan(after, cache.k.shape[2], cache.num_blocks, cache.block_size)
+                plan = dense_plan
+            out = attn.sparse_decode_attention(q1, cache.k[i], cache.v[i], after, plan, cache.block_size, backend)
+            x = x + sa.o_proj(out.reshape(B, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.lengths.add_(1)
+        return self.logits(x[:, 0])
 
     @torch.inference_mode()
     def forward_full(self, tokens: torch.Tensor, block_size: int = 16) -> torch.Tensor:
