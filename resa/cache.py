@@ -115,7 +115,12 @@ class KVCache:
                 if n:
                     k_l[b, :, s:s + n] = k_new[b, :, :n]
                     v_l[b, :, s:s + n] = v_new[b, :, :n]
-        if span.width == 1:
+        if k_l.is_cuda:
+            # One launch per layer instead of per-row loops of small torch ops.
+            from .kernels import refresh_summaries
+
+            refresh_summaries(k_l, self.kmin[layer], self.kmax[layer], span.start_t, span.end_t, self.block_size)
+        elif span.width == 1:
             self._append_summary(layer, k_new[:, :, 0], span)
         else:
             self.refresh_summaries(layer, span.start, span.end)

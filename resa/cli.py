@@ -115,13 +115,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
         return kernels.run(args) or 0
 
-    try:
-        from .bench import kernels as kernels_mod
+    from .bench import e2e as e2e_mod
+    from .bench import kernels as kernels_mod
 
-        kernels_mod.add_arguments(k)
-    except ImportError:
-        pass
+    kernels_mod.add_arguments(k)
     k.set_defaults(func=run_kernels)
+    e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
+    e2e_mod.add_arguments(e)
+    e.set_defaults(func=lambda args: (e2e_mod.run(args), 0)[1])
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

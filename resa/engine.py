@@ -75,12 +75,15 @@ TextCallback = Callable[[int, str], None]
 class Engine:
     """Runs a `Transformer` with a `KVCache`: the one code path for generation and evaluation."""
 
-    def __init__(self, model: Transformer, tokenizer=None, poison_cache: bool = False) -> None:
+    def __init__(self, model: Transformer, tokenizer=None, poison_cache: bool = False,
+                 cuda_graphs: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.poison_cache = poison_cache
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # Decode steps replay CUDA graphs on GPUs (no host work per layer); CPU runs eagerly.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -295,13 +298,22 @@ class Engine:
 
 
 class CacheRunner:
-    """An engine bound to one cache: the `resa.rectify.Runner` the rectification schedule drives."""
+    """An engine bound to one cache: the `resa.rectify.Runner` the rectification schedule drives.
+    With CUDA graphs on, decode steps replay a graph captured on first use per setting."""
 
     def __init__(self, engine: Engine, cache: KVCache) -> None:
         self.engine, self.cache = engine, cache
+        self.graphs: dict[ResaConfig | None, object] = {}
 
     def step(self, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
-        return self.engine.step(self.cache, tokens, resa)
+        if not self.engine.cuda_graphs:
+            return self.engine.step(self.cache, tokens, resa)
+        key = None if resa is None or resa.is_dense else resa
+        if key not in self.graphs:
+            from .graphs import GraphedDecode
+
+            self.graphs[key] = GraphedDecode(self.engine.model, self.cache, key)
+        return self.graphs[key](tokens).clone()
 
     def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
         return self.engine.dense_window(self.cache, tokens, overwrite)

@@ -1,0 +1,291 @@
+"""End-to-end decode benchmark: tokens/s of our engine (dense / sparse / ReSA paper / ReSA fused)
+against its bytes floor, and Hugging Face transformers `generate` as the peer, on one GPU.
+
+Weights are random at real model shapes (speed does not depend on their values). The context is
+filled with random K/V and exact block summaries instead of a real prefill: decode speed depends
+on the cache's size, not its contents, and a 256K prefill per configuration would take most of the
+run. Each mode runs the engine's real decode loop (CUDA-graph replay of the step, the rectification
+schedule of `resa.rectify`, greedy sampling on the device) for `--windows` windows of f tokens.
+
+    python -m resa.bench.e2e --out-dir benchmarks/e2e
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ResaConfig
+from ..engine import CacheRunner, Engine
+from ..random_model import SHAPES, random_model, weight_bytes_per_step
+from ..rectify import feed_token
+from ..ref.selection import block_budget
+from .kernels import card_name, copy_bandwidth
+
+MODES = ("dense", "sparse", "resa-paper", "resa-fused")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", default="qwen2.5-7b", choices=list(SHAPES))
+    parser.add_argument("--contexts", nargs="+", type=int, default=[32768, 65536, 131072, 262144])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--windows", type=int, default=2, help="rectification windows of f tokens timed per mode")
+    parser.add_argument("--active-ratio", type=float, default=0.1)
+    parser.add_argument("-f", "--rectify-every", type=int, default=32)
+    parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
+                        help="contexts at which to time transformers generate (batch 1)")
+    parser.add_argument("--reserve-gib", type=float, default=6.0, help="memory kept free for activations")
+    parser.add_argument("--out-dir", default="benchmarks/e2e")
+
+
+def _cache_bytes(cfg, batch: int, capacity: int, block_size: int) -> int:
+    per = cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * 2
+    return 2 * per * capacity + 2 * per * -(-capacity // block_size)
+
+
+def _floors(cfg, n: int, batch: int, resa: ResaConfig, weights: int) -> dict[str, float]:
+    """Bytes one generated token must move, per mode (weights + KV read + amortised rectification)."""
+    kv_tok = cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * 2 * 2  # K and V, bf16
+    nb = -(-n // resa.block_size)
+    kept = block_budget(nb, resa.active_ratio, resa.min_blocks)
+    sparse_kv = kv_tok * (min(kept * resa.block_size, n) + nb)  # selected tokens + min/max summaries
+    dense_kv = kv_tok * n
+    f = resa.rectify_every
+    return {
+        "dense": weights + dense_kv,
+        "sparse": weights + sparse_kv,
+        # paper: an extra dense forward (weights + whole cache) per f tokens
+        "resa-paper": weights + sparse_kv + (weights + dense_kv) / f,
+        # fused: one of every f steps is the dense pass itself
+        "resa-fused": weights + sparse_kv * (f - 1) / f + dense_kv / f,
+    }
+
+
+def _fill_cache(engine: Engine, batch: int, n: int, capacity: int, block_size: int, seed: int):
+    cache = engine.new_cache(batch, capacity, block_size)
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    from ..kernels import refresh_summaries
+
+    lengths = torch.full((batch,), n, dtype=torch.int64, device=engine.device)
+    zero = torch.zeros_like(lengths)
+    for layer in range(cache.k.shape[0]):
+        for t in (cache.k[layer], cache.v[layer]):
+            t.normal_(0.0, 1.0, generator=gen)
+        refresh_summaries(cache.k[layer], cache.kmin[layer], cache.kmax[layer], zero, lengths, block_size)
+    cache.lengths.copy_(lengths)
+    cache.host_lengths = [n] * batch
+    return cache
+
+
+def _time_mode(engine: Engine, cache, n: int, mode: str, resa: ResaConfig, windows: int) -> dict:
+    """Milliseconds per generated token over `windows` windows of the real decode loop."""
+    cfg = {"dense": resa.with_(mode="dense"), "sparse": resa.with_(mode="sparse"),
+           "resa-paper": resa.with_(rectify_variant="paper"),
+           "resa-fused": resa.with_(rectify_variant="fused")}[mode]
+    f = resa.rectify_every
+    steps = windows * f
+    runner = CacheRunner(engine, cache)
+    B = cache.batch
+    history = torch.randint(0, engine.model.cfg.vocab_size, (B, steps + f + 2), device=engine.device)
+
+    def run(first: int, count: int) -> None:
+        for t in range(first, first + count):
+            logits = feed_token(runner, history, t, cfg).logits
+            history[:, t + 1] = logits.argmax(dim=-1)
+
+    def reset() -> None:
+        cache.lengths.fill_(n)
+        cache.host_lengths = [n] * B
+
+    run(0, f + 1)  # warm-up: captures graphs, compiles kernels, runs one rectification of each kind
+    reset()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    # Steps f .. f+steps-1 hold exactly `windows` rectifications in both variants.
+    run(f, steps)
+    end.record()
+    torch.cuda.synchronize()
+    reset()
+    ms = start.elapsed_time(end) / steps
+    return {"ms_per_step": ms, "tokens_per_s": B * 1000.0 / ms}
+
+
+def _breakdown(engine: Engine, cache, n: int, resa: ResaConfig) -> dict:
+    """Where a ReSA step goes: selection and sparse attention per layer (times layers), the dense
+    rectification pass amortised over f tokens; the rest (weights, norms, MLPs) by difference."""
+    import triton
+
+    from .. import attention as attn
+
+    cfg = engine.model.cfg
+    B = cache.batch
+    q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=engine.device, dtype=engine.dtype)
+    lengths = cache.lengths
+    plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton")
+    sel = triton.testing.do_bench(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton"),
+                                  return_mode="median")
+    att = triton.testing.do_bench(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], lengths, plan,
+                                                                       resa.block_size, "triton"),
+                                  return_mode="median")
+    f = resa.rectify_every
+    window = torch.randint(0, cfg.vocab_size, (B, f), device=engine.device)
+
+    def rectify() -> None:
+        engine.dense_window(cache, window, overwrite=f)
+
+    rect = triton.testing.do_bench(rectify, warmup=1, rep=50, return_mode="median")
+    return {"selection_ms": sel * cfg.num_layers, "sparse_attention_ms": att * cfg.num_layers,
+            "rectification_pass_ms": rect, "rectification_amortised_ms": rect / f}
+
+
+def _hf_peer(shape: str, n: int, device: torch.device) -> dict:
+    """transformers generate (default dynamic cache, sdpa) on the same shape, batch 1: per-token
+    decode time = (time for 1 + k new tokens - time for 1 new token) / k."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = SHAPES[shape]
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+                  attn_implementation="sdpa")
+    hf_cfg = Qwen2Config(**common) if cfg.arch == "qwen2" else LlamaConfig(**common)
+    cls = Qwen2ForCausalLM if cfg.arch == "qwen2" else LlamaForCausalLM
+    with torch.device("meta"):
+        model = cls(hf_cfg)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
+    k = 16
+
+    def timed(new: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(2)
+    one, many = timed(1), timed(1 + k)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    ms = (many - one) * 1000 / k
+    return {"peer": "transformers generate (dynamic cache, sdpa)", "context": n, "batch": 1,
+            "ms_per_step": ms, "tokens_per_s": 1000.0 / ms}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("resa bench e2e needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    resa = ResaConfig(active_ratio=args.active_ratio, rectify_every=args.rectify_every)
+    copy_bw = copy_bandwidth(device, 200)
+    model = random_model(args.shape, device=device)
+    engine = Engine(model)
+    cfg = model.cfg
+    rows, skipped = [], []
+    free_total = torch.cuda.mem_get_info(device)[1]
+    for n in args.contexts:
+        for batch in args.batches:
+            capacity = n + (args.windows + 2) * args.rectify_every + 8
+            need = _cache_bytes(cfg, batch, capacity, resa.block_size)
+            free = torch.cuda.mem_get_info(device)[0] - args.reserve_gib * 2**30
+            if need > free:
+                skipped.append({"context": n, "batch": batch, "cache_gib": need / 2**30, "free_gib": free / 2**30})
+                print(f"skip N={n} B={batch}: cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+                continue
+            torch.cuda.reset_peak_memory_stats(device)
+            cache = _fill_cache(engine, batch, n, capacity, resa.block_size, seed=n + batch)
+            weights = weight_bytes_per_step(model, batch)
+            floors = _floors(cfg, n, batch, resa, weights)
+            row = {"context": n, "batch": batch, "modes": {}}
+            for mode in args.modes:
+                r = _time_mode(engine, cache, n, mode, resa, args.windows)
+                floor_ms = floors[mode] / copy_bw / 1e6
+                r.update(floor_ms=floor_ms, vs_floor=r["ms_per_step"] / floor_ms, bytes_per_step=floors[mode])
+                row["modes"][mode] = r
+                print(f"N={n} B={batch} {mode:10s} {r['ms_per_step']:8.2f} ms/step "
+                      f"{r['tokens_per_s']:8.1f} tok/s floor {floor_ms:6.2f} ms ({r['vs_floor']:.2f}x)", flush=True)
+            row["breakdown"] = _breakdown(engine, cache, n, resa)
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append(row)
+            del cache
+            gc.collect()
+            torch.cuda.empty_cache()
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    peers = []
+    for n in args.hf_peer:
+        try:
+            peers.append(_hf_peer(args.shape, n, device))
+            print(f"HF peer N={n}: {peers[-1]['ms_per_step']:.2f} ms/step", flush=True)
+        except Exception as exc:  # a peer failing (OOM, API change) must not lose our results
+            peers.append({"context": n, "batch": 1, "error": f"{type(exc).__name__}: {exc}"})
+    result = {"card": card_name(device), "torch": torch.__version__, "shape": args.shape,
+              "copy_GBps": copy_bw, "gpu_memory_gib": free_total / 2**30, "resa": resa.__dict__,
+              "rows": rows, "skipped": skipped, "hf_peer": peers}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.shape}-{''.join(c for c in card_name(device).lower() if c.isalnum())[:24]}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# End-to-end decode, {result['shape']} (random weights), {result['card']}", "",
+             f"Copy bandwidth {result['copy_GBps']:.0f} GB/s; torch {result['torch']}; "
+             f"ReSA active_ratio {result['resa']['active_ratio']}, f {result['resa']['rectify_every']}.", "",
+             "| context | batch | mode | ms/step | tokens/s | floor ms | measured/floor | vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        dense = row["modes"].get("dense", {}).get("ms_per_step")
+        for mode, r in row["modes"].items():
+            speed = f"{dense / r['ms_per_step']:.2f}x" if dense else "-"
+            lines.append(f"| {row['context']} | {row['batch']} | {mode} | {r['ms_per_step']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f} | {speed} |")
+    lines += ["", "Where a ReSA step goes (ms; selection and attention summed over layers):", "",
+              "| context | batch | sparse step | selection | sparse attention | rectification pass | amortised /f | peak GiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        b = row["breakdown"]
+        step = row["modes"].get("sparse", {}).get("ms_per_step", float("nan"))
+        lines.append(f"| {row['context']} | {row['batch']} | {step:.2f} | {b['selection_ms']:.2f} | "
+                     f"{b['sparse_attention_ms']:.2f} | {b['rectification_pass_ms']:.2f} | "
+                     f"{b['rectification_amortised_ms']:.2f} | {row['peak_gib']:.1f} |")
+    if result["skipped"]:
+        lines += ["", "Skipped (cache does not fit): " + ", ".join(
+            f"N={s['context']} B={s['batch']} ({s['cache_gib']:.0f} GiB)" for s in result["skipped"])]
+    if result["hf_peer"]:
+        lines += ["", "| peer | context | batch | ms/step | tokens/s |", "|---|---|---|---|---|"]
+        for p in result["hf_peer"]:
+            if "error" in p:
+                lines.append(f"| transformers | {p['context']} | 1 | failed: {p['error'][:80]} | |")
+            else:
+                lines.append(f"| {p['peer']} | {p['context']} | 1 | {p['ms_per_step']:.2f} | {p['tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
