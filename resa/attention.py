@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .cache import Span
 from .config import ResaConfig
@@ -53,6 +54,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     ends = span.end
     n_keys = max(ends)
     kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
+    if len(set(span.start)) == 1 and all(n == T for n in span.n_valid):
+        # Rows aligned (prefill of equal prompts, rectification of a batch): a bottom-right causal
+        # bias keeps SDPA on its fused kernels; an explicit mask would force a much slower path.
+        return F.scaled_dot_product_attention(
+            q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=causal_lower_right(T, n_keys), enable_gqa=G > 1
+        )
     if min(ends) < n_keys:
         # Ragged rows: slots past a row's end may hold anything; they must not reach the output.
         key_ok = (torch.arange(n_keys, device=q.device)[None, :] < span.end_t[:, None])[:, None, :, None]

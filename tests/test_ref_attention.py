@@ -89,3 +89,14 @@ def test_torch_dense_path_matches_reference():
     ref = dense_attention_ref(q, k, v, span.start_t, span.n_valid_t)
     for b in range(3):
         torch.testing.assert_close(out[b, :, : n_valid[b]], ref[b, :, : n_valid[b]], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_dense_path_aligned_rows_match_reference():
+    torch.manual_seed(2)
+    B, H, HKV, T, D, start = 2, 6, 2, 7, 16, 30
+    k, v = torch.randn(B, HKV, start + T + 5, D), torch.randn(B, HKV, start + T + 5, D)
+    k[:, :, start + T:], v[:, :, start + T:] = float("nan"), float("nan")
+    q = torch.randn(B, H, T, D)
+    span = Span.make([start] * B, [T] * B, T, "cpu")
+    out = dense_attention(q, k, v, span)
+    torch.testing.assert_close(out, dense_attention_ref(q, k, v, span.start_t, span.n_valid_t), rtol=1e-5, atol=1e-6)
