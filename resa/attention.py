@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from .cache import Span
 from .config import ResaConfig
@@ -55,6 +54,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     n_keys = max(ends)
     kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
     if len(set(span.start)) == 1 and all(n == T for n in span.n_valid):
+        # Imported here: torch.nn.attention.bias imports triton, which must not happen before a
+        # caller has chosen Triton's interpreter (TRITON_INTERPRET is read at kernel definition).
+        from torch.nn.attention.bias import causal_lower_right
+
         # Rows aligned (prefill of equal prompts, rectification of a batch): a bottom-right causal
         # bias keeps SDPA on its fused kernels; an explicit mask would force a much slower path.
         return F.scaled_dot_product_attention(

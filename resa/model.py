@@ -12,6 +12,7 @@ from torch import nn
 from . import attention as attn
 from .cache import KVCache, Span
 from .config import ModelConfig, ResaConfig
+from .decode_layer import post_attention, pre_attention
 from .rope import apply_rope, rope_cos_sin, rope_frequencies
 
 
@@ -124,6 +125,7 @@ class Transformer(nn.Module):
         # fp32 on purpose and not a buffer, so casting the model to bf16 cannot round the angles.
         self.inv_freq, self.rope_scaling = rope_frequencies(cfg.rope, cfg.head_dim)
         self.backend = backend
+        self.decode_fns = (pre_attention, post_attention)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters; strict by name and shape."""
@@ -165,6 +167,10 @@ class Transformer(nn.Module):
         cache.commit(span)
         return x
 
+    def compile_decode(self) -> None:
+        """Use torch.compile'd layer halves in `decode_static` (fewer, fused kernels per layer)."""
+        self.decode_fns = (torch.compile(pre_attention, dynamic=False), torch.compile(post_attention, dynamic=False))
+
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """The fp32 RoPE frequencies on `device`, copied once (no host copy inside a CUDA graph)."""
         if self.inv_freq.device != device:
@@ -187,10 +193,18 @@ class Transformer(nn.Module):
         after = pos + 1
         x = self.model.embed_tokens(tokens[:, None])
         cos, sin = rope_cos_sin(pos[:, None], self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
+        pre, post = self.decode_fns
+        cfg = self.cfg
         dense_plan = None
         for i, layer in enumerate(self.model.layers):
-            sa = layer.self_attn
-            q, k, v = sa.qkv(layer.input_layernorm(x), cos, sin)
+            sa, mlp = layer.self_attn, layer.mlp
+            q, k, v = pre(
+                x, layer.input_layernorm.weight, cfg.rms_norm_eps,
+                sa.q_proj.weight, sa.q_proj.bias, sa.k_proj.weight, sa.k_proj.bias,
+                sa.v_proj.weight, sa.v_proj.bias,
+                sa.q_norm.weight if cfg.qk_norm else None, sa.k_norm.weight if cfg.qk_norm else None,
+                cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            )
             cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), pos, use_kernels=kernels)
             q1 = q[:, :, 0]
             if sparse is not None:
@@ -200,8 +214,8 @@ class Transformer(nn.Module):
                     dense_plan = attn.full_plan(after, cache.k.shape[2], cache.num_blocks, cache.block_size)
                 plan = dense_plan
             out = attn.sparse_decode_attention(q1, cache.k[i], cache.v[i], after, plan, cache.block_size, backend)
-            x = x + sa.o_proj(out.reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = post(x, out.reshape(B, 1, -1), sa.o_proj.weight, layer.post_attention_layernorm.weight,
+                     cfg.rms_norm_eps, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         cache.lengths.add_(1)
         return self.logits(x[:, 0])
 

@@ -16,8 +16,10 @@ SMALL = dict(block_size=16, min_blocks=4, active_ratio=0.1)
 def model():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    return tiny_model(seed=2, num_layers=3, head_dim=64, num_heads=8, num_kv_heads=2,
-                      hidden_size=256, intermediate_size=512).to("cuda").eval()
+    model = tiny_model(seed=2, num_layers=3, head_dim=64, num_heads=8, num_kv_heads=2,
+                       hidden_size=256, intermediate_size=512).to("cuda").eval()
+    model.backend = "auto"  # the Triton kernels: graph capture needs selection without host syncs
+    return model
 
 
 def _gen(engine, mode, variant="paper", **kw):
@@ -43,3 +45,19 @@ def test_active_ratio_one_equals_dense_on_gpu(model):
 def test_sparse_really_differs(model):
     engine = Engine(model, cuda_graphs=True)
     assert _gen(engine, "sparse").token_ids != _gen(engine, "dense").token_ids
+
+
+def test_compiled_decode_equals_plain(model):
+    plain = _gen(Engine(model, cuda_graphs=True), "resa")
+    model.compile_decode()
+    try:
+        compiled = _gen(Engine(model, cuda_graphs=True), "resa")
+    finally:
+        model.decode_fns = plain_fns()
+    assert compiled.token_ids == plain.token_ids
+
+
+def plain_fns():
+    from resa.decode_layer import post_attention, pre_attention
+
+    return (pre_attention, post_attention)

@@ -25,7 +25,7 @@ from ..engine import CacheRunner, Engine
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
 from ..rectify import feed_token
 from ..ref.selection import block_budget
-from .kernels import card_name, copy_bandwidth
+from .kernels import _bench_graph, card_name, copy_bandwidth
 
 MODES = ("dense", "sparse", "resa-paper", "resa-fused")
 
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
                         help="contexts at which to time transformers generate (batch 1)")
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="memory kept free for activations")
+    parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"],
+                        help="time the decode step with plain and/or torch.compile'd layer halves")
     parser.add_argument("--out-dir", default="benchmarks/e2e")
 
 
@@ -129,11 +131,10 @@ def _breakdown(engine: Engine, cache, n: int, resa: ResaConfig) -> dict:
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=engine.device, dtype=engine.dtype)
     lengths = cache.lengths
     plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton")
-    sel = triton.testing.do_bench(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton"),
-                                  return_mode="median")
-    att = triton.testing.do_bench(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], lengths, plan,
-                                                                       resa.block_size, "triton"),
-                                  return_mode="median")
+    # Graph replays, as in the decode step (eager timing would mostly measure Python launch cost).
+    sel = _bench_graph(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton"), 100) / 1e3
+    att = _bench_graph(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], lengths, plan,
+                                                            resa.block_size, "triton"), 100) / 1e3
     f = resa.rectify_every
     window = torch.randint(0, cfg.vocab_size, (B, f), device=engine.device)
 
@@ -195,6 +196,9 @@ def run(args: argparse.Namespace) -> dict:
     model = random_model(args.shape, device=device)
     engine = Engine(model)
     cfg = model.cfg
+    plain_fns = model.decode_fns
+    model.compile_decode()
+    compiled_fns = model.decode_fns
     rows, skipped = [], []
     free_total = torch.cuda.mem_get_info(device)[1]
     for n in args.contexts:
@@ -211,13 +215,16 @@ def run(args: argparse.Namespace) -> dict:
             weights = weight_bytes_per_step(model, batch)
             floors = _floors(cfg, n, batch, resa, weights)
             row = {"context": n, "batch": batch, "modes": {}}
-            for mode in args.modes:
-                r = _time_mode(engine, cache, n, mode, resa, args.windows)
-                floor_ms = floors[mode] / copy_bw / 1e6
-                r.update(floor_ms=floor_ms, vs_floor=r["ms_per_step"] / floor_ms, bytes_per_step=floors[mode])
-                row["modes"][mode] = r
-                print(f"N={n} B={batch} {mode:10s} {r['ms_per_step']:8.2f} ms/step "
-                      f"{r['tokens_per_s']:8.1f} tok/s floor {floor_ms:6.2f} ms ({r['vs_floor']:.2f}x)", flush=True)
+            for compiled in args.compile:
+                model.decode_fns = compiled_fns if compiled == "on" else plain_fns
+                for mode in args.modes:
+                    r = _time_mode(engine, cache, n, mode, resa, args.windows)
+                    floor_ms = floors[mode] / copy_bw / 1e6
+                    r.update(floor_ms=floor_ms, vs_floor=r["ms_per_step"] / floor_ms, bytes_per_step=floors[mode])
+                    name = mode + ("+compile" if compiled == "on" else "")
+                    row["modes"][name] = r
+                    print(f"N={n} B={batch} {name:18s} {r['ms_per_step']:8.2f} ms/step "
+                          f"{r['tokens_per_s']:8.1f} tok/s floor {floor_ms:6.2f} ms ({r['vs_floor']:.2f}x)", flush=True)
             row["breakdown"] = _breakdown(engine, cache, n, resa)
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rows.append(row)
@@ -253,8 +260,9 @@ def markdown(result: dict) -> str:
              "| context | batch | mode | ms/step | tokens/s | floor ms | measured/floor | vs dense |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        dense = row["modes"].get("dense", {}).get("ms_per_step")
         for mode, r in row["modes"].items():
+            base = "dense+compile" if mode.endswith("+compile") else "dense"
+            dense = row["modes"].get(base, {}).get("ms_per_step")
             speed = f"{dense / r['ms_per_step']:.2f}x" if dense else "-"
             lines.append(f"| {row['context']} | {row['batch']} | {mode} | {r['ms_per_step']:.2f} | "
                          f"{r['tokens_per_s']:.1f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f} | {speed} |")
@@ -263,7 +271,7 @@ def markdown(result: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         b = row["breakdown"]
-        step = row["modes"].get("sparse", {}).get("ms_per_step", float("nan"))
+        step = row["modes"].get("sparse", row["modes"].get("sparse+compile", {})).get("ms_per_step", float("nan"))
         lines.append(f"| {row['context']} | {row['batch']} | {step:.2f} | {b['selection_ms']:.2f} | "
                      f"{b['sparse_attention_ms']:.2f} | {b['rectification_pass_ms']:.2f} | "
                      f"{b['rectification_amortised_ms']:.2f} | {row['peak_gib']:.1f} |")
