@@ -263,7 +263,7 @@ class Engine:
             if all(done) or t == max_new_tokens - 1:
                 break
             cached = sum(cache.host_lengths)
-            fed = feed_token(runner, history, t, resa)
+            fed = feed_token(runner, history, t, resa, max_length=max(cache.host_lengths))
             logits = fed.logits
             stats.rectifications += fed.rectified
             if fed.sparse:

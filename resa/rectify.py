@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from .config import ResaConfig
+from .ref.selection import block_budget
 
 
 class Runner(Protocol):
@@ -37,12 +38,26 @@ class FeedResult:
     sparse: bool
 
 
-def feed_token(runner: Runner, history: torch.Tensor, t: int, resa: ResaConfig) -> FeedResult:
+def window_was_sparse(resa: ResaConfig, max_length: int | None) -> bool:
+    """Whether a decode step at `max_length` cached tokens (the longest row) kept fewer blocks than
+    it had. If not, that step and every earlier one of the window attended densely, so their K/V
+    is already exact and rectifying would only repeat work. None means unknown (assume sparse)."""
+    if max_length is None:
+        return True
+    nb = -(-max_length // resa.block_size)
+    return block_budget(nb, resa.active_ratio, resa.min_blocks) < nb
+
+
+def feed_token(runner: Runner, history: torch.Tensor, t: int, resa: ResaConfig,
+               max_length: int | None = None) -> FeedResult:
     """Feed generated token t (history[:, t]; history [B, >= t+1] holds tokens 0..t) following
-    the rectification schedule of `resa`."""
+    the rectification schedule of `resa`. max_length: tokens in the longest row's cache before
+    feeding; when given, windows decoded entirely at full budget (short contexts) are not rectified."""
     f = resa.rectify_every
     sparse = None if resa.is_dense else resa
     rectified = False
+    if not window_was_sparse(resa, None if max_length is None else max_length + 1):
+        return FeedResult(runner.step(history[:, t], sparse), False, sparse is not None)
     if resa.rectifies and resa.rectify_variant == "paper" and t > 0 and t % f == 0:
         runner.dense_window(history[:, t - f:t], overwrite=f)
         rectified = True

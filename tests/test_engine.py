@@ -137,3 +137,13 @@ def test_seeded_sampling_is_reproducible(engine):
 def test_find_stop():
     assert _find_stop("hello world", ["wor"], 8) == 6
     assert _find_stop("hello", ["x"], 0) is None
+
+
+def test_windows_decoded_at_full_budget_are_not_rectified(engine, dense):
+    """Below min_blocks x block_size tokens every step is dense, so there is nothing to rectify."""
+    prompts = random_prompts([5, 9])
+    cfg = dict(mode="resa", block_size=4, min_blocks=64, rectify_every=8)
+    out = engine.generate_ids(prompts, resa=ResaConfig(**cfg), max_new_tokens=30, eos_token_ids=[])
+    ref = engine.generate_ids(prompts, resa=ResaConfig(mode="dense"), max_new_tokens=30, eos_token_ids=[])
+    assert out.stats.rectifications == 0 and out.token_ids == ref.token_ids
+    assert out.stats.kv_read_fraction == 1.0

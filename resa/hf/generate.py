@@ -216,7 +216,7 @@ def generate(
         if unfinished.max() == 0 or t == max_new - 1:
             break
         length_before = cache.lengths[0]
-        fed = feed_token(run, history, t, resa)
+        fed = feed_token(run, history, t, resa, max_length=max(cache.lengths))
         if fed.rectified:
             # the window ends at the newest token before the paper pass, after the fused one
             end = length_before if fed.sparse else length_before + 1
