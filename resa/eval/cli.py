@@ -1,11 +1,119 @@
-"""`resa eval <task>`: argument parsing for the evaluation harness."""
+"""`resa eval <task>`: argument parsing for the evaluation harness; the work is in the task modules."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+def _xs(text: str) -> tuple[int, ...]:
+    """'32,64,L' -> (32, 64, 0); 0 stands for L (sparse only)."""
+    return tuple(0 if v.strip().upper() == "L" else int(v) for v in text.split(",") if v)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="smollm2 (default, the installed SmolLM2-135M-Instruct), qwen-coder, or a .gguf path")
+    p.add_argument("--out", default="evals", help="results folder (default evals/)")
+    p.add_argument("--name", default=None, help="run file name (default: task + size)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on built-in text (CI smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its tasks to the top-level parser."""
     p = sub.add_parser("eval", help="quality of ReSA against dense on real models and text")
-    p.add_subparsers(dest="task", required=True)
+    tasks = p.add_subparsers(dest="task", required=True)
+
+    lm = tasks.add_parser("lm-sim", help="next-token accuracy with the last x tokens' KV sparse-made")
+    _common(lm)
+    lm.add_argument("--length", type=int, default=8192, help="L, tokens of context (default 8192)")
+    lm.add_argument("--xs", type=_xs, default=(32, 64, 128, 256, 1024, 0),
+                    help="sparse suffix lengths, L = sparse only (default 32,64,128,256,1024,L)")
+    lm.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="active ratios")
+    lm.add_argument("--sequences", type=int, default=8)
+    lm.add_argument("--batch", type=int, default=8, help="texts run together")
+    lm.add_argument("--corpora", default="essays,bible,shakespeare,code")
+    lm.set_defaults(func=_lm_sim)
+
+    dr = tasks.add_parser("drift", help="free greedy generation: dense vs sparse vs ReSA")
+    _common(dr)
+    dr.add_argument("--prompt-tokens", type=int, default=2048)
+    dr.add_argument("--new-tokens", type=int, default=1024)
+    dr.add_argument("--prompts", type=int, default=4)
+    dr.add_argument("--ratio", type=float, default=0.1)
+    dr.add_argument("--rectify-every", type=int, default=32)
+    dr.add_argument("--modes", default="dense,sparse,resa-paper,resa-fused")
+    dr.add_argument("--corpora", default="essays,bible,shakespeare,code")
+    dr.set_defaults(func=_drift)
+
+    rep = tasks.add_parser("report", help="markdown report and plots from the results folder")
+    rep.add_argument("--out", default="evals")
+    rep.set_defaults(func=_report)
+
+
+def _open(args: argparse.Namespace, task: str, settings: dict, default_name: str):
+    from .models import file_sha256, load_engine, resolve_model
+    from .store import RunStore, versions
+
+    path = resolve_model(args.model)
+    engine = load_engine(path, args.threads)
+    meta = {"model": path.name, "model_sha256": file_sha256(path), "versions": versions()}
+    store = RunStore(Path(args.out), args.name or default_name, task, {**settings, "model": path.name}, meta)
+    return engine, store
+
+
+def _lm_sim(args: argparse.Namespace) -> int:
+    from . import lm_sim
+
+    if args.quick:
+        s = lm_sim.LMSimSettings(length=320, xs=(32, 0), ratios=(0.1,), sequences=2, batch=2,
+                                 corpora=("code", "sample"), min_blocks=4)
+    else:
+        s = lm_sim.LMSimSettings(length=args.length, xs=args.xs, ratios=args.ratios, sequences=args.sequences,
+                                 batch=args.batch, corpora=tuple(args.corpora.split(",")))
+    name = f"lm_sim_L{s.length}" + ("_quick" if args.quick else "")
+    engine, store = _open(args, "lm-sim", lm_sim.settings_dict(s), name)
+    lm_sim.run(engine, store, s, progress=not args.no_progress)
+    summary = lm_sim.summarize(store.cells(), store.data["settings"])
+    store.finish(summary)
+    from .report import lm_sim_table
+
+    print(lm_sim_table(summary))
+    print(f"wrote {store.path}")
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from . import drift
+
+    if args.quick:
+        s = drift.DriftSettings(prompt_tokens=96, new_tokens=48, prompts=2, ratio=0.1, rectify_every=16,
+                                min_blocks=2, corpora=("code", "sample"))
+    else:
+        s = drift.DriftSettings(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prompts=args.prompts,
+                                ratio=args.ratio, rectify_every=args.rectify_every,
+                                modes=tuple(args.modes.split(",")), corpora=tuple(args.corpora.split(",")))
+    name = f"drift_P{s.prompt_tokens}_G{s.new_tokens}" + ("_quick" if args.quick else "")
+    engine, store = _open(args, "drift", drift.settings_dict(s), name)
+    drift.run(engine, store, s, progress=not args.no_progress)
+    summary = drift.summarize(store.cells(), store.data["settings"])
+    store.finish(summary)
+    from .report import drift_table
+
+    print(drift_table(summary))
+    print(f"wrote {store.path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(Path(args.out))
+    print(f"wrote {path}")
+    return 0
