@@ -72,7 +72,7 @@ def _lm_sim(args: argparse.Namespace) -> int:
     from . import lm_sim
 
     if args.quick:
-        s = lm_sim.LMSimSettings(length=320, xs=(32, 0), ratios=(0.1,), sequences=2, batch=2,
+        s = lm_sim.LMSimSettings(length=320, xs=(32, 96), ratios=(0.1,), sequences=2, batch=2,
                                  corpora=("code", "sample"), min_blocks=4)
     else:
         s = lm_sim.LMSimSettings(length=args.length, xs=args.xs, ratios=args.ratios, sequences=args.sequences,
