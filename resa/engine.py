@@ -110,7 +110,20 @@ class Engine:
     # ---- primitives (also used by the evaluation harness) ----
 
     def new_cache(self, batch: int, capacity: int, block_size: int) -> KVCache:
+        """An empty cache for `batch` rows of up to `capacity` tokens; on CUDA, a clear error
+        (instead of an allocator crash) when it cannot fit in the free GPU memory."""
         cfg = self.model.cfg
+        if self.device.type == "cuda":
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            per_slot = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * elem
+            need = per_slot * (capacity + 2 * -(-capacity // block_size))
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > free:
+                raise ValueError(
+                    f"the KV cache for batch {batch} x {capacity} tokens needs {need / 2**30:.1f} GiB but "
+                    f"{free / 2**30:.1f} GiB of GPU memory is free; use fewer prompts, shorter prompts or "
+                    "fewer new tokens"
+                )
         return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, block_size,
                        dtype=self.dtype, device=self.device, poison=self.poison_cache)
 
