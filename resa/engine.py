@@ -116,7 +116,7 @@ class Engine:
         if self.device.type == "cuda":
             elem = torch.empty((), dtype=self.dtype).element_size()
             per_slot = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * elem
-            need = per_slot * (capacity + 2 * -(-capacity // block_size))
+            need = per_slot * (capacity + -(-capacity // block_size))  # K, V + kmin, kmax
             free = torch.cuda.mem_get_info(self.device)[0]
             if need > free:
                 raise ValueError(
