@@ -23,8 +23,14 @@ def pre_attention(x, norm_w, eps, wq, bq, wk, bk, wv, bv, qn_w, kn_w, cos, sin, 
                   num_kv_heads: int, head_dim: int):
     """x [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D] (Qwen3 q/k norms when
     qn_w/kn_w are given; biases may be None)."""
-    B, T, _ = x.shape
-    h = rms_norm(x, norm_w, eps)
+    return project_qkv(rms_norm(x, norm_w, eps), eps, wq, bq, wk, bk, wv, bv, qn_w, kn_w, cos, sin,
+                       num_heads, num_kv_heads, head_dim)
+
+
+def project_qkv(h, eps, wq, bq, wk, bk, wv, bv, qn_w, kn_w, cos, sin, num_heads: int, num_kv_heads: int,
+                head_dim: int):
+    """Normed hidden states h [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D]."""
+    B, T, _ = h.shape
     q = F.linear(h, wq, bq).view(B, T, num_heads, head_dim)
     k = F.linear(h, wk, bk).view(B, T, num_kv_heads, head_dim)
     v = F.linear(h, wv, bv).view(B, T, num_kv_heads, head_dim)

@@ -12,8 +12,8 @@ from torch import nn
 from . import attention as attn
 from .cache import KVCache, Span
 from .config import ModelConfig, ResaConfig
-from .decode_layer import post_attention, pre_attention
-from .rope import apply_rope, rope_cos_sin, rope_frequencies
+from .decode_layer import post_attention, pre_attention, project_qkv, rms_norm
+from .rope import rope_cos_sin, rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -43,14 +41,12 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D]."""
-        B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+        return project_qkv(
+            x, cfg.rms_norm_eps, self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
+            self.v_proj.weight, self.v_proj.bias, self.q_norm.weight if cfg.qk_norm else None,
+            self.k_norm.weight if cfg.qk_norm else None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        )
 
     def forward(
         self,
