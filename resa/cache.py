@@ -82,6 +82,13 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
         self.host_lengths = [0] * batch
 
+    @staticmethod
+    def bytes_needed(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                     block_size: int, element_size: int) -> int:
+        """Bytes a cache of these sizes allocates: K and V, plus kmin and kmax per block."""
+        per_slot = 2 * num_layers * batch * num_kv_heads * head_dim * element_size
+        return per_slot * (capacity + -(-capacity // block_size))
+
     @property
     def batch(self) -> int:
         return self.k.shape[1]

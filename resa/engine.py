@@ -114,9 +114,8 @@ class Engine:
         (instead of an allocator crash) when it cannot fit in the free GPU memory."""
         cfg = self.model.cfg
         if self.device.type == "cuda":
-            elem = torch.empty((), dtype=self.dtype).element_size()
-            per_slot = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * elem
-            need = per_slot * (capacity + -(-capacity // block_size))  # K, V + kmin, kmax
+            need = KVCache.bytes_needed(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+                                        block_size, torch.empty((), dtype=self.dtype).element_size())
             free = torch.cuda.mem_get_info(self.device)[0]
             if need > free:
                 raise ValueError(

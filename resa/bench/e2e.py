@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import KVCache
 from ..config import ResaConfig
 from ..engine import CacheRunner, Engine
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
@@ -44,11 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="time the decode step with plain and/or torch.compile'd layer halves")
     parser.add_argument("--out-dir", default="benchmarks/e2e")
-
-
-def _cache_bytes(cfg, batch: int, capacity: int, block_size: int) -> int:
-    per = cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * 2
-    return 2 * per * capacity + 2 * per * -(-capacity // block_size)
 
 
 def _floors(cfg, n: int, batch: int, resa: ResaConfig, weights: int) -> dict[str, float]:
@@ -204,7 +200,8 @@ def run(args: argparse.Namespace) -> dict:
     for n in args.contexts:
         for batch in args.batches:
             capacity = n + (args.windows + 2) * args.rectify_every + 8
-            need = _cache_bytes(cfg, batch, capacity, resa.block_size)
+            need = KVCache.bytes_needed(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+                                        resa.block_size, 2)
             free = torch.cuda.mem_get_info(device)[0] - args.reserve_gib * 2**30
             if need > free:
                 skipped.append({"context": n, "batch": batch, "cache_gib": need / 2**30, "free_gib": free / 2**30})
