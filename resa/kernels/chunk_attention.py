@@ -1,0 +1,250 @@
+"""Dense causal attention of a short chunk of queries per row over the whole KV cache.
+
+The rectification pass (DESIGN.md 1.3) re-encodes the newest f tokens of every row densely: f
+queries per row against up to the full context. That shape is memory-bound like a decode step
+(the whole cache is read once per pass) but has too few queries for a prefill kernel to fill the
+GPU, so it gets its own split-K kernel:
+
+`chunk_attention_kernel`, grid (M tiles, B * HKV, splits): the G * T query rows of one KV group
+(G heads x T positions, row r = g * T + t) are cut into tiles of BLOCK_M rows; each program streams
+one contiguous range of key tiles of its row (all tiles of a group's queries run next to each
+other, so K/V is fetched from HBM about once and re-read from L2), with the bottom-right aligned
+causal mask (query t of row b at position start[b] + t sees keys j <= start[b] + t, j < end[b]).
+Online softmax in fp32, base 2; partial outputs and log-sum-exps are merged by `merge_chunk_kernel`.
+Splits are chosen on the host from static shapes only, so the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
+
+
+@triton.jit
+def _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn, qk_scale,
+                m_i, l_i, acc, UPCAST: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1."""
+    tok = n0 + offs_n
+    in_row = tok < end
+    tok64 = tok.to(tl.int64)
+    kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+    vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(kt)) * qk_scale
+    ok = in_row[None, :] & (tok[None, :] <= qpos[:, None])
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def chunk_attention_kernel(
+    q_ptr, k_ptr, v_ptr, start_ptr, nvalid_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pb, stride_ph, stride_pr, stride_ps,
+    stride_lb, stride_lh, stride_lr,
+    num_kv_heads, T, num_splits, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    """Partial attention of query rows [mt * BLOCK_M, +BLOCK_M) of group (b, hk) over one split of
+    its key tiles. q: [B, H, T, D]; k, v: [B, HKV, Nmax, D]; o: [B, HKV, G*T, splits, D] fp32
+    normalised partials; lse: [B, HKV, G*T, splits] fp32 log2-sum-exp2 (-inf where empty)."""
+    mt = tl.program_id(0)
+    grp = tl.program_id(1)
+    split = tl.program_id(2)
+    b = grp // num_kv_heads
+    hk = grp % num_kv_heads
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    start = tl.load(start_ptr + b).to(tl.int32)
+    end = start + tl.load(nvalid_ptr + b).to(tl.int32)
+
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < G * T
+    g = rows // T
+    t = rows % T
+    qpos = start + t
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads64 = (hk * G + g).to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads64[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qt
+                + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Key tiles of this split: the row's tiles spread evenly, so ragged rows cost what they hold.
+    n_tiles = (end + BLOCK_N - 1) // BLOCK_N
+    per = (n_tiles + num_splits - 1) // num_splits
+    lo = split * per * BLOCK_N
+    hi = tl.minimum(lo + per * BLOCK_N, end)
+
+    k_row = k_ptr + b64 * stride_kb + hk64 * stride_kh
+    v_row = v_ptr + b64 * stride_vb + hk64 * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if WHILE_LOOP:
+        n0 = lo
+        while n0 < hi:
+            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
+                                        qk_scale, m_i, l_i, acc, UPCAST)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
+                                        qk_scale, m_i, l_i, acc, UPCAST)
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    base = b64 * stride_pb + hk64 * stride_ph + rows.to(tl.int64)[:, None] * stride_pr + split.to(tl.int64) * stride_ps
+    tl.store(o_ptr + base + offs_d[None, :], out, mask=rmask[:, None])
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + b64 * stride_lb + hk64 * stride_lh + rows.to(tl.int64) * stride_lr + split, lse, mask=rmask)
+
+
+@triton.jit
+def merge_chunk_kernel(
+    o_part_ptr, lse_ptr, out_ptr,
+    stride_pb, stride_ph, stride_pr, stride_ps,
+    stride_lb, stride_lh, stride_lr,
+    stride_ob, stride_oh, stride_ot,
+    num_kv_heads, T, num_splits,
+    G: tl.constexpr, D: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    """out[b, hk*G + g, t] = the splits of query row g*T + t merged by their log-sum-exps."""
+    pid = tl.program_id(0)
+    r = pid % (G * T)
+    grp = pid // (G * T)
+    b = (grp // num_kv_heads).to(tl.int64)
+    hk = (grp % num_kv_heads).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, D)
+    ms = offs_s < num_splits
+    r64 = r.to(tl.int64)
+    lse = tl.load(lse_ptr + b * stride_lb + hk * stride_lh + r64 * stride_lr + offs_s, mask=ms, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
+    o = tl.load(o_part_ptr + b * stride_pb + hk * stride_ph + r64 * stride_pr
+                + offs_s[:, None].to(tl.int64) * stride_ps + offs_d[None, :], mask=ms[:, None], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    h = hk * G + r // T
+    t = (r % T).to(tl.int64)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+def choose_chunk_splits(groups: int, m_tiles: int, capacity: int, block_n: int, num_sms: int) -> int:
+    """Splits per (row, KV head): about two waves of programs, at least four key tiles per split."""
+    want = triton.cdiv(2 * num_sms, max(groups * m_tiles, 1))
+    most = max(1, triton.cdiv(capacity, block_n) // 4)
+    return max(1, min(want, most, 128))
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    n_valid: torch.Tensor,
+    scale: float | None = None,
+    *,
+    num_splits: int | None = None,
+    block_m: int = 128,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of T queries per row over that row's cache; same contract as
+    `resa.ref.dense_attention_ref` (query t of row b at position start[b] + t sees keys
+    j <= start[b] + t and j < start[b] + n_valid[b]; queries t >= n_valid[b] are padding).
+
+    q: [B, H, T, D] fp16/bf16 (fp32 accepted), any strides with a contiguous last dimension;
+    k, v: [B, HKV, Nmax, D] in q's dtype (e.g. one layer of the cache); start, n_valid: [B]
+    int32/int64 on the device. G = H / HKV any, D in 64, 128, 256. Returns [B, H, T, D] in q's
+    dtype, written into `out` if given (any strides with a contiguous last dimension).
+    """
+    name = "chunk_attention"
+    device = check_device(name, q, k, v, start, n_valid)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, H, T, D] and k/v [B, HKV, Nmax, D]; "
+                         f"got {list(q.shape)}, {list(k.shape)}")
+    B, H, T, D = q.shape
+    HKV, nmax = k.shape[1], k.shape[2]
+    check_shape(name, "k", k, (B, HKV, nmax, D))
+    check_shape(name, "v", v, (B, HKV, nmax, D))
+    check_shape(name, "start", start, (B,))
+    check_shape(name, "n_valid", n_valid, (B,))
+    check_dtype(name, "q", q, FLOAT_DTYPES)
+    for what, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from q dtype {q.dtype}")
+    for what, t in (("q", q), ("k", k), ("v", v)):
+        check_last_contiguous(name, what, t)
+    check_dtype(name, "start", start, INDEX_DTYPES)
+    check_dtype(name, "n_valid", n_valid, INDEX_DTYPES)
+    if H % HKV:
+        raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
+    if D not in (64, 128, 256):
+        raise ValueError(f"{name}: head dim {D} unsupported (64, 128, 256)")
+    for what, val in (("block_m", block_m), ("block_n", block_n)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name}: {what} must be a power of two >= 16, got {val}")
+    G = H // HKV
+    if out is None:
+        out = torch.empty(B, H, T, D, dtype=q.dtype, device=device)
+    else:
+        check_shape(name, "out", out, (B, H, T, D))
+        check_last_contiguous(name, "out", out)
+    if B == 0 or T == 0:
+        return out
+    rows = G * T
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    m_tiles = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        num_splits = choose_chunk_splits(B * HKV, m_tiles, nmax, block_n, sms)
+    num_splits = max(1, min(int(num_splits), 128))
+    o_part = torch.empty(B, HKV, rows, num_splits, D, dtype=torch.float32, device=device)
+    lse = torch.empty(B, HKV, rows, num_splits, dtype=torch.float32, device=device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    chunk_attention_kernel[(m_tiles, B * HKV, num_splits)](
+        q, k, v, start, n_valid, o_part, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        HKV, T, num_splits, scale * 1.4426950408889634,
+        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=interpreting() or q.dtype == torch.float32, WHILE_LOOP=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    merge_chunk_kernel[(B * HKV * rows,)](
+        o_part, lse, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HKV, T, num_splits,
+        G=G, D=D, SPLITS_P=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+    )
+    return out
