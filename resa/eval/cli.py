@@ -52,6 +52,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     dr.add_argument("--corpora", default="essays,bible,shakespeare,code")
     dr.set_defaults(func=_drift)
 
+    rt = tasks.add_parser("retrieval", help="RULER-style retrieval in essays: dense vs ReSA answers")
+    _common(rt)
+    rt.add_argument("--length", type=int, default=4096, help="tokens per sample, prompt + answer (default 4096)")
+    rt.add_argument("--tasks", default="single,multikey,multivalue,vt,cwe")
+    rt.add_argument("--samples", type=int, default=20, help="samples per task")
+    rt.add_argument("--batch", type=int, default=4, help="samples prefilled and decoded together")
+    rt.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="ReSA active ratios")
+    rt.add_argument("--rectify-every", type=int, default=32)
+    rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.set_defaults(func=_retrieval)
+
+    gs = tasks.add_parser("gsm8k", help="few-shot chain-of-thought GSM8K: dense vs ReSA, exact match")
+    _common(gs)
+    gs.add_argument("--items", type=int, default=64, help="scored test items")
+    gs.add_argument("--shots", type=int, default=8, help="worked examples (first test items, not scored)")
+    gs.add_argument("--batch", type=int, default=16)
+    gs.add_argument("--max-new", type=int, default=256)
+    gs.add_argument("--ratios", type=_floats, default=(0.1,), help="ReSA active ratios")
+    gs.add_argument("--rectify-every", type=int, default=32)
+    gs.set_defaults(func=_gsm8k)
+
     rep = tasks.add_parser("report", help="markdown report and plots from the results folder")
     rep.add_argument("--out", default="evals")
     rep.set_defaults(func=_report)
@@ -77,7 +99,7 @@ def _lm_sim(args: argparse.Namespace) -> int:
     else:
         s = lm_sim.LMSimSettings(length=args.length, xs=args.xs, ratios=args.ratios, sequences=args.sequences,
                                  batch=args.batch, corpora=tuple(args.corpora.split(",")))
-    name = f"lm_sim_L{s.length}" + ("_quick" if args.quick else "")
+    name = f"lm_sim_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else "")
     engine, store = _open(args, "lm-sim", lm_sim.settings_dict(s), name)
     lm_sim.run(engine, store, s, progress=not args.no_progress)
     summary = lm_sim.summarize(store.cells(), store.data["settings"])
@@ -107,6 +129,55 @@ def _drift(args: argparse.Namespace) -> int:
     from .report import drift_table
 
     print(drift_table(summary))
+    print(f"wrote {store.path}")
+    return 0
+
+
+def _model_tag(args: argparse.Namespace) -> str:
+    """'' for the default model, else a short name for run file names."""
+    if args.model in (None, "", "smollm2"):
+        return ""
+    return "_" + (args.model if args.model == "qwen-coder" else Path(args.model).stem)
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from . import retrieval
+
+    if args.quick:
+        s = retrieval.RetrievalSettings(length=512, samples=2, batch=2, ratios=(0.1,), haystack="sample",
+                                        words="code", min_blocks=4)
+    else:
+        s = retrieval.RetrievalSettings(length=args.length, tasks=tuple(args.tasks.split(",")),
+                                        samples=args.samples, batch=args.batch, ratios=args.ratios,
+                                        rectify_every=args.rectify_every, chat=not args.no_chat, seed=args.seed)
+    name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else "")
+    engine, store = _open(args, "retrieval", retrieval.settings_dict(s), name)
+    retrieval.run(engine, store, s, progress=not args.no_progress)
+    summary = retrieval.summarize(store.cells(), store.data["settings"])
+    store.finish(summary)
+    from .report import retrieval_table
+
+    print(retrieval_table(summary))
+    print(f"wrote {store.path}")
+    return 0
+
+
+def _gsm8k(args: argparse.Namespace) -> int:
+    from . import gsm8k
+
+    if args.quick:
+        s = gsm8k.GSM8KSettings(items=1, shots=2, batch=1, max_new=24, source="builtin", min_blocks=2)
+    else:
+        s = gsm8k.GSM8KSettings(items=args.items, shots=args.shots, batch=args.batch, max_new=args.max_new,
+                                ratios=args.ratios, rectify_every=args.rectify_every)
+    name = f"gsm8k{_model_tag(args)}" + ("_quick" if args.quick else "")
+    engine, store = _open(args, "gsm8k", gsm8k.settings_dict(s), name)
+    gsm8k.run(engine, store, s, progress=not args.no_progress)
+    summary = gsm8k.summarize(store.cells(), store.data["settings"])
+    store.finish(summary)
+    from .report import gsm8k_table
+
+    print(gsm8k_table(summary))
     print(f"wrote {store.path}")
     return 0
 

@@ -44,6 +44,44 @@ def drift_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _cond_label(cond: str) -> str:
+    return "dense" if cond == "dense" else f"ReSA active {cond.split('/r')[-1]}"
+
+
+def retrieval_table(summary: dict) -> str:
+    """Accuracy (%) per task and condition with 95% intervals, then the paired difference to dense
+    (percentage points) with the number of samples ReSA scored higher / lower than dense."""
+    conds = summary["conditions"]
+    head = "| task | n | " + " | ".join(_cond_label(c) + " %" for c in conds) + " |"
+    lines = [head, "|" + "---|" * (len(conds) + 2)]
+    rows = list(summary["tasks"].items()) + [("**average**", summary["average"])]
+    for task, rec in rows:
+        n = next(iter(rec.values()))["n"]
+        lines.append(f"| {task} | {n} | " + " | ".join(fmt_ci(*rec[c]["acc"]) for c in conds) + " |")
+    others = [c for c in conds if c != "dense"]
+    lines += ["", "| task | " + " | ".join(f"{_cond_label(c)} minus dense (pp)" for c in others) + " |",
+              "|" + "---|" * (len(others) + 1)]
+    for task, rec in rows:
+        cells = []
+        for c in others:
+            r = rec[c]
+            extra = f" ({r['better']}+/{r['worse']}-)" if "better" in r else ""
+            cells.append(fmt_ci(*r["diff"]) + extra)
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gsm8k_table(summary: dict) -> str:
+    """Exact-match accuracy per condition (Wilson 95%) and the paired difference to dense."""
+    lines = [f"Mean prompt: {summary['prompt_tokens_mean']} tokens.", "",
+             "| condition | n | accuracy % | minus dense (pp) | right only here / only dense | mean answer tokens |",
+             "|---|---|---|---|---|---|"]
+    for cond, r in summary["conditions"].items():
+        lines.append(f"| {_cond_label(cond)} | {r['n']} | {fmt_ci(*r['acc'])} | {fmt_ci(*r['diff'])} | "
+                     f"{r['only_method']} / {r['only_dense']} | {r['mean_tokens']} |")
+    return "\n".join(lines)
+
+
 def _load_runs(out: Path) -> list[dict]:
     runs = []
     for f in sorted(out.glob("*.json")):
@@ -77,6 +115,12 @@ def write_report(out: Path) -> Path:
         elif d["task"] == "drift":
             parts.append(drift_table(d["summary"]))
             png = _plot_drift(out, d)
+        elif d["task"] == "retrieval":
+            parts.append(retrieval_table(d["summary"]))
+            png = _plot_bars(out, d, "retrieval")
+        elif d["task"] == "gsm8k":
+            parts.append(gsm8k_table(d["summary"]))
+            png = _plot_bars(out, d, "gsm8k")
         else:
             png = None
         if png:
@@ -142,6 +186,45 @@ def _plot_drift(out: Path, d: dict) -> str | None:
         ax.set_xlabel("generated tokens")
         ax.legend(fontsize=7)
     fig.suptitle(f"Drift in greedy generation, {d['meta']['model']}")
+    fig.tight_layout()
+    name = d["_file"].replace(".json", ".png")
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _plot_bars(out: Path, d: dict, task: str) -> str | None:
+    """Accuracy per condition (bars with 95% intervals), grouped by retrieval task, or one group."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    summ = d["summary"]
+    if task == "retrieval":
+        groups = {**summ["tasks"], "average": summ["average"]}
+        conds = summ["conditions"]
+    else:
+        groups = {"GSM8K": summ["conditions"]}
+        conds = list(summ["conditions"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(groups) + 1.5), 4.0))
+    width = 0.8 / len(conds)
+    for i, c in enumerate(conds):
+        xs, ys, lo, hi = [], [], [], []
+        for g, (name, rec) in enumerate(groups.items()):
+            m, a, b = rec[c]["acc"]
+            xs.append(g + (i - (len(conds) - 1) / 2) * width)
+            ys.append(100 * m)
+            lo.append(100 * (m - a) if a == a else 0)
+            hi.append(100 * (b - m) if b == b else 0)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=_cond_label(c), color=f"C{i}")
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    title = (f"Retrieval, L={d['settings']['length']}" if task == "retrieval" else "GSM8K few-shot CoT")
+    ax.set_title(f"{title}, {d['meta']['model']}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     name = d["_file"].replace(".json", ".png")
     fig.savefig(out / name, dpi=110)

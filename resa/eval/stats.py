@@ -46,3 +46,28 @@ def fmt_ci(mean: float, lo: float, hi: float, scale: float = 100.0, digits: int 
     if math.isnan(lo):
         return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def bootstrap_mean(values: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of independent per-sample values (e.g. paired differences) with a 95%
+    percentile bootstrap interval."""
+    return cluster_bootstrap([[v] for v in values], reps, seed)
+
+
+def stratified_bootstrap(groups: Sequence[Sequence[float]], reps: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean of group means, low, high): the macro average over groups (tasks), with a 95% interval
+    from resampling samples within each group independently."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean([g.mean() for g in groups]))
+    if all(len(g) < 2 for g in groups):
+        return mean, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(reps)
+    for g in groups:
+        boot += g[rng.integers(0, len(g), size=(reps, len(g)))].mean(1)
+    boot /= len(groups)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return mean, float(lo), float(hi)

@@ -1,0 +1,97 @@
+"""Greedy answer decoding from an already prefilled KV cache, for tasks that score short answers.
+
+The prompt is prefilled densely in every mode (DESIGN.md 1.3), so a task prefills once and decodes
+the answer once per condition from a copy of that cache: only the decode steps differ between
+dense and ReSA. Decoding follows the engine's rectification schedule (`resa.rectify.feed_token`)
+through `Engine.step` / `Engine.dense_window`, the same calls `Engine.generate_ids` makes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from ..cache import KVCache
+from ..config import ResaConfig
+from ..rectify import feed_token
+
+
+class _CacheSteps:
+    """`resa.rectify.Runner` over one cache (eager CPU steps, no CUDA graphs)."""
+
+    def __init__(self, engine, cache: KVCache) -> None:
+        self.engine, self.cache = engine, cache
+
+    def step(self, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
+        return self.engine.step(self.cache, tokens, resa)
+
+    def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+        return self.engine.dense_window(self.cache, tokens, overwrite)
+
+
+def clone_cache(cache: KVCache) -> KVCache:
+    """An independent copy of a cache (tensors and row lengths)."""
+    return copy.deepcopy(cache)
+
+
+def greedy_from_cache(engine, cache: KVCache, logits: torch.Tensor, resa: ResaConfig, max_new: int,
+                      eos: Sequence[int]) -> list[list[int]]:
+    """Greedy continuation of every row of a prefilled `cache` (modified in place).
+
+    logits: [B, V], the prefill logits of each row's last prompt token (so token 0 is the same in
+    every mode). Token t >= 1 comes from feeding token t-1 under `resa` (dense, sparse or ReSA with
+    its rectification cadence). Rows stop at an id in `eos` (not included in the output); decoding
+    ends when every row has stopped or `max_new` tokens were produced. Returns the ids per row.
+    """
+    B = cache.batch
+    history = torch.empty(B, max_new, dtype=torch.int64, device=logits.device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    stop = set(eos)
+    runner = _CacheSteps(engine, cache)
+    for t in range(max_new):
+        token = logits.argmax(-1)
+        history[:, t] = token
+        for b, tok in enumerate(token.tolist()):
+            if done[b]:
+                continue
+            if tok in stop:
+                done[b] = True
+                continue
+            out[b].append(tok)
+        if all(done) or t == max_new - 1:
+            break
+        logits = feed_token(runner, history, t, resa, max_length=max(cache.host_lengths)).logits
+    return out
+
+
+def stack_rows(engine, rows: Sequence[KVCache], capacity: int) -> KVCache:
+    """One cache of len(rows) rows from single-row caches (same block size), each row keeping its
+    own length. Lets rows that share a prefilled prefix be extended separately and decoded together."""
+    bs = rows[0].block_size
+    out = engine.new_cache(len(rows), capacity, bs)
+    for b, r in enumerate(rows):
+        if r.batch != 1 or r.block_size != bs:
+            raise ValueError("stack_rows takes single-row caches of one block size")
+        n = r.host_lengths[0]
+        if n > capacity:
+            raise ValueError(f"row {b} holds {n} tokens, more than capacity {capacity}")
+        nb = -(-n // bs)
+        out.k[:, b, :, :n] = r.k[:, 0, :, :n]
+        out.v[:, b, :, :n] = r.v[:, 0, :, :n]
+        out.kmin[:, b, :, :nb] = r.kmin[:, 0, :, :nb]
+        out.kmax[:, b, :, :nb] = r.kmax[:, 0, :, :nb]
+    lengths = [r.host_lengths[0] for r in rows]
+    out.host_lengths = lengths
+    out.lengths.copy_(torch.tensor(lengths, dtype=torch.int64, device=out.lengths.device))
+    return out
+
+
+def eos_ids(engine) -> tuple[int, ...]:
+    """The ids that end an answer: the tokenizer's EOS ids (for chat models, the end-of-turn token)."""
+    tok = engine.tokenizer
+    if tok is not None and tok.eos_token_ids:
+        return tuple(tok.eos_token_ids)
+    return tuple(engine.model.cfg.eos_token_ids)
