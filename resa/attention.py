@@ -2,6 +2,8 @@
 
 - `dense_attention`: a chunk of queries per row over that row's cache (prefill, rectification,
   dense decode).
+- `chunk_attention`: the same for a short chunk with device-side positions only (the rectification
+  pass as a CUDA graph captures it).
 - `plan_sparse` + `sparse_decode_attention`: one decode query per row over the blocks GBSA selects.
 
 The torch backend is exact fp32 math (CPU, and the fallback everywhere); the Triton backend is used
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from .cache import Span
 from .config import ResaConfig
-from .ref.attention import sparse_decode_ref
+from .ref.attention import dense_attention_ref, sparse_decode_ref
 from .ref.selection import block_budget, select_blocks_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -75,6 +77,20 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     allowed = (pos_j[None, None, :] <= pos_q[:, :, None]) & (pos_j[None, None, :] < span.end_t[:, None, None])
     out = F.scaled_dot_product_attention(qf, kk.to(q.dtype), vv.to(q.dtype), attn_mask=allowed[:, None])
     return out.reshape(B, H, T, D)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                    n_valid: torch.Tensor, backend: str = "torch", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of T queries per row at positions start[b] + t (device tensors; the
+    chunk's K/V already written) over each row's cache; no host synchronisation on the Triton
+    backend. q: [B, H, T, D]; k, v: [B, HKV, Nmax, D]. Returns [B, H, T, D] in q's dtype (into
+    `out` when given)."""
+    if backend == "triton":
+        from .kernels import chunk_attention as kernel
+
+        return kernel(q, k, v, start, n_valid, out=out)
+    res = dense_attention_ref(q, k, v, start, n_valid).to(q.dtype)
+    return res if out is None else out.copy_(res)
 
 
 @dataclass

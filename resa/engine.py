@@ -82,6 +82,7 @@ class Engine:
         self.poison_cache = poison_cache
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        model.fuse_projections()
         # Decode steps replay CUDA graphs on GPUs (no host work per layer); CPU runs eagerly.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
@@ -316,6 +317,7 @@ class CacheRunner:
     def __init__(self, engine: Engine, cache: KVCache) -> None:
         self.engine, self.cache = engine, cache
         self.graphs: dict[ResaConfig | None, object] = {}
+        self.window = None
 
     def step(self, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
         if not self.engine.cuda_graphs:
@@ -328,7 +330,21 @@ class CacheRunner:
         return self.graphs[key](tokens).clone()
 
     def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
-        return self.engine.dense_window(self.cache, tokens, overwrite)
+        if not self.engine.cuda_graphs:
+            return self.engine.dense_window(self.cache, tokens, overwrite)
+        cache = self.cache
+        W = tokens.shape[1]
+        start = [n - overwrite for n in cache.host_lengths]
+        if min(start) < 0 or max(start) + W > cache.capacity:
+            raise ValueError(f"a window of {W} tokens rewriting {overwrite} does not fit rows of "
+                             f"{cache.host_lengths} tokens in a cache of {cache.capacity}")
+        if self.window is None:
+            from .graphs import GraphedWindow
+
+            self.window = GraphedWindow(self.engine.model, cache)
+        logits = self.window(tokens.to(self.engine.device), overwrite).clone()
+        cache.host_lengths = [s + W for s in start]
+        return logits
 
 
 def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:

@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step: one capture per (cache, ReSA setting), replayed every step."""
+"""CUDA graphs of the decode step (one capture per cache and ReSA setting) and of the dense
+rectification pass (one per cache and window shape), replayed instead of launching kernels."""
 
 from __future__ import annotations
 
@@ -57,3 +58,40 @@ class GraphedDecode:
         self.graph.replay()
         self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]
         return self.logits
+
+
+class GraphedWindow:
+    """`Transformer.window_static` captured once per (window width, overwrite) and replayed.
+
+    The first call of a shape runs eagerly (on a side stream: it compiles the kernels and is the
+    real pass, so nothing has to be undone) and then captures the graph; later calls replay it.
+    The caller advances `cache.host_lengths`.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache) -> None:
+        if cache.k.device.type != "cuda":
+            raise ValueError("CUDA graphs need the cache on a CUDA device")
+        self.model, self.cache = model, cache
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+        """tokens [B, W]; returns the logits [B, V] of the last position (a buffer the next replay
+        of this shape overwrites: copy it to keep it)."""
+        key = (tokens.shape[1], overwrite)
+        if key in self.graphs:
+            graph, static_tokens, logits = self.graphs[key]
+            static_tokens.copy_(tokens)
+            graph.replay()
+            return logits
+        device = self.cache.k.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            result = self.model.window_static(tokens, self.cache, overwrite)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        static_tokens = tokens.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: the cache stays as the eager pass left it
+            logits = self.model.window_static(static_tokens, self.cache, overwrite)
+        self.graphs[key] = (graph, static_tokens, logits)
+        return result

@@ -39,12 +39,19 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
+    def qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k, v projections stacked by output row (weight, bias or None): the fused tensors
+        when `Transformer.fuse_projections` made the parameters views of them, else a fresh copy."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        return _stacked(self, "_qkv", [p.weight for p in projs],
+                        [p.bias for p in projs] if self.cfg.attention_bias else None)
+
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D]."""
         cfg = self.cfg
+        w, b = self.qkv_weights()
         return project_qkv(
-            x, cfg.rms_norm_eps, self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
-            self.v_proj.weight, self.v_proj.bias, self.q_norm.weight if cfg.qk_norm else None,
+            x, cfg.rms_norm_eps, w, b, self.q_norm.weight if cfg.qk_norm else None,
             self.k_norm.weight if cfg.qk_norm else None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         )
 
@@ -83,8 +90,50 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def gate_up_weight(self) -> torch.Tensor:
+        """Gate and up projections stacked by output row (see `Attention.qkv_weights`)."""
+        return _stacked(self, "_gate_up", [self.gate_proj.weight, self.up_proj.weight], None)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _is_fused(fused, weights: list[torch.Tensor]) -> bool:
+    """Whether `weights` still are consecutive views of the stacked tensor (a later `.to()` or
+    reassignment would have copied them away)."""
+    if fused is None:
+        return False
+    stacked, offset = fused[0], 0
+    for w in weights:
+        if w.dtype != stacked.dtype or w.data_ptr() != stacked[offset].data_ptr():
+            return False
+        offset += w.shape[0]
+    return offset == stacked.shape[0]
+
+
+def _stacked(owner: nn.Module, attr: str, weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
+    """(weight, bias) of parameters stacked along dim 0: the tensors `_fuse` stored under `attr` if
+    the parameters still are views of them, else a new concatenation (correct, just slower)."""
+    fused = getattr(owner, attr, None)
+    if _is_fused(fused, weights):
+        return fused
+    return torch.cat(weights), (torch.cat(biases) if biases is not None else None)
+
+
+@torch.no_grad()
+def _stack_into(params: list[nn.Parameter]) -> torch.Tensor:
+    """Copy params into one tensor stacked along dim 0 and make each parameter a view of it."""
+    stacked = torch.cat([p.data for p in params])
+    offset = 0
+    for p in params:
+        p.data = stacked[offset:offset + p.shape[0]]
+        offset += p.shape[0]
+    return stacked
+
+
+def _fuse(owner: nn.Module, attr: str, weights: list[nn.Parameter], biases: list[nn.Parameter] | None) -> None:
+    if not _is_fused(getattr(owner, attr, None), weights):
+        setattr(owner, attr, (_stack_into(weights), _stack_into(biases) if biases is not None else None))
 
 
 class DecoderLayer(nn.Module):
@@ -122,6 +171,16 @@ class Transformer(nn.Module):
         self.inv_freq, self.rope_scaling = rope_frequencies(cfg.rope, cfg.head_dim)
         self.backend = backend
         self.decode_fns = (pre_attention, post_attention)
+
+    def fuse_projections(self) -> None:
+        """Store each layer's q/k/v and gate/up weights in one matrix each (parameters become views,
+        so memory does not grow and loading into them still works): the decode step then runs two
+        matrix products where it ran five. Call after moving or casting the model."""
+        for layer in self.model.layers:
+            sa, mlp = layer.self_attn, layer.mlp
+            projs = (sa.q_proj, sa.k_proj, sa.v_proj)
+            _fuse(sa, "_qkv", [p.weight for p in projs], [p.bias for p in projs] if self.cfg.attention_bias else None)
+            _fuse(mlp, "_gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight], None)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters; strict by name and shape."""
@@ -173,6 +232,22 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(device)
         return self.inv_freq
 
+    def _layer_qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Input norm and q/k/v projection of one layer (the device-side paths; compiled if asked)."""
+        cfg, sa = self.cfg, layer.self_attn
+        wqkv, bqkv = sa.qkv_weights()
+        return self.decode_fns[0](
+            x, layer.input_layernorm.weight, cfg.rms_norm_eps, wqkv, bqkv,
+            sa.q_norm.weight if cfg.qk_norm else None, sa.k_norm.weight if cfg.qk_norm else None,
+            cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        )
+
+    def _layer_rest(self, layer: DecoderLayer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and MLP block of one layer; attn_out [B, T, H * D]."""
+        sa, mlp = layer.self_attn, layer.mlp
+        return self.decode_fns[1](x, attn_out, sa.o_proj.weight, layer.post_attention_layernorm.weight,
+                                  self.cfg.rms_norm_eps, mlp.gate_up_weight(), mlp.down_proj.weight)
+
     @torch.inference_mode()
     def decode_static(self, tokens: torch.Tensor, cache: KVCache, sparse: ResaConfig | None) -> torch.Tensor:
         """One decode step with device-side positions only, so a CUDA graph can capture it.
@@ -189,18 +264,9 @@ class Transformer(nn.Module):
         after = pos + 1
         x = self.model.embed_tokens(tokens[:, None])
         cos, sin = rope_cos_sin(pos[:, None], self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
-        pre, post = self.decode_fns
-        cfg = self.cfg
         dense_plan = None
         for i, layer in enumerate(self.model.layers):
-            sa, mlp = layer.self_attn, layer.mlp
-            q, k, v = pre(
-                x, layer.input_layernorm.weight, cfg.rms_norm_eps,
-                sa.q_proj.weight, sa.q_proj.bias, sa.k_proj.weight, sa.k_proj.bias,
-                sa.v_proj.weight, sa.v_proj.bias,
-                sa.q_norm.weight if cfg.qk_norm else None, sa.k_norm.weight if cfg.qk_norm else None,
-                cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            )
+            q, k, v = self._layer_qkv(layer, x, cos, sin)
             cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), pos, use_kernels=kernels)
             q1 = q[:, :, 0]
             if sparse is not None:
@@ -210,10 +276,34 @@ class Transformer(nn.Module):
                     dense_plan = attn.full_plan(after, cache.k.shape[2], cache.num_blocks, cache.block_size)
                 plan = dense_plan
             out = attn.sparse_decode_attention(q1, cache.k[i], cache.v[i], after, plan, cache.block_size, backend)
-            x = post(x, out.reshape(B, 1, -1), sa.o_proj.weight, layer.post_attention_layernorm.weight,
-                     cfg.rms_norm_eps, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            x = self._layer_rest(layer, x, out.reshape(B, 1, -1))
         cache.lengths.add_(1)
         return self.logits(x[:, 0])
+
+    @torch.inference_mode()
+    def window_static(self, tokens: torch.Tensor, cache: KVCache, overwrite: int) -> torch.Tensor:
+        """Dense pass over tokens [B, W] with device-side positions only (the rectification pass
+        as a CUDA graph captures it): row b's tokens go to positions cache.lengths[b] - overwrite
+        onwards, rewriting the K/V of its newest `overwrite` tokens and appending the rest; every
+        query attends causally to the whole row. Sets cache.lengths to start + W (cache.host_lengths
+        is the caller's). Returns the fp32 logits [B, V] of the last position."""
+        backend = attn.resolve_backend(self.backend, tokens.device)
+        B, W = tokens.shape
+        cfg = self.cfg
+        start = cache.lengths - overwrite
+        n_valid = torch.full_like(start, W)
+        x = self.model.embed_tokens(tokens)
+        positions = start[:, None] + torch.arange(W, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
+        # [B, W, H, D] storage seen as [B, H, W, D]: the output projection reads it without a copy.
+        out = torch.empty(B, W, cfg.num_heads, cfg.head_dim, dtype=x.dtype, device=x.device).transpose(1, 2)
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = self._layer_qkv(layer, x, cos, sin)
+            cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), start, use_kernels=backend == "triton")
+            attn.chunk_attention(q, cache.k[i], cache.v[i], start, n_valid, backend, out=out)
+            x = self._layer_rest(layer, x, out.transpose(1, 2).reshape(B, W, -1))
+        cache.lengths.copy_(start + W)
+        return self.logits(x[:, -1])
 
     @torch.inference_mode()
     def forward_full(self, tokens: torch.Tensor, block_size: int = 16) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from resa.cache import KVCache
 from resa.config import ResaConfig
 from tests.tiny import random_prompts, tiny_engine
 
@@ -31,3 +32,66 @@ def test_decode_static_matches_step(mode):
         for name in ("kmin", "kmax"):
             a, b = getattr(caches[1], name), getattr(caches[0], name)
             torch.testing.assert_close(a[:, row, :, :nb], b[:, row, :, :nb], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overwrite", [8, 7, 0])
+def test_window_static_matches_dense_window(overwrite):
+    """The device-side rectification pass (what a CUDA graph captures) equals the host-driven one:
+    same logits, same rewritten K/V and summaries, same lengths."""
+    engine = tiny_engine(seed=5)
+    engine.poison_cache = False
+    prompts = random_prompts([90, 45], seed=6)
+    caches = []
+    for _ in range(2):
+        cache = engine.new_cache(2, 128, 4)
+        engine.prefill(cache, prompts, chunk=32)
+        caches.append(cache)
+    window = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(7))
+    ref = engine.dense_window(caches[0], window, overwrite=overwrite)
+    out = engine.model.window_static(window, caches[1], overwrite=overwrite)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ends = [90 - overwrite + 8, 45 - overwrite + 8]
+    assert caches[1].lengths.tolist() == ends == list(caches[0].host_lengths)
+    for row, n in enumerate(ends):
+        nb = -(-n // 4)
+        torch.testing.assert_close(caches[1].k[:, row, :, :n], caches[0].k[:, row, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].v[:, row, :, :n], caches[0].v[:, row, :, :n], rtol=1e-5, atol=1e-5)
+        for name in ("kmin", "kmax"):
+            a, b = getattr(caches[1], name), getattr(caches[0], name)
+            torch.testing.assert_close(a[:, row, :, :nb], b[:, row, :, :nb], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_are_views_and_follow_loads():
+    """Fusing stacks q/k/v and gate/up without copying the parameters; the decode step gives the
+    same logits fused or not, weights loaded later land in the fused matrices, and a model cast
+    after fusing falls back to (correct) fresh concatenations."""
+    from tests.tiny import tiny_model
+
+    model = tiny_model(seed=9, attention_bias=True)
+    tokens = torch.tensor([3, 4])
+
+    def step(m):
+        cache = KVCache(m.cfg.num_layers, 2, m.cfg.num_kv_heads, 16, m.cfg.head_dim, 4)
+        return m.decode_static(tokens, cache, None)
+
+    before = step(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.fuse_projections()
+    sa, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    wqkv, bqkv = sa.qkv_weights()
+    assert wqkv is sa._qkv[0] and bqkv is sa._qkv[1]
+    assert sa.k_proj.weight.data_ptr() == wqkv[sa.q_proj.weight.shape[0]].data_ptr()
+    assert mlp.gate_up_weight() is mlp._gate_up[0]
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    torch.testing.assert_close(step(model), before, rtol=0, atol=0)
+
+    state = {k: v.clone() * 0.5 for k, v in model.state_dict().items()}
+    model.load_weights(state)
+    assert sa.qkv_weights()[0] is sa._qkv[0]
+    torch.testing.assert_close(sa._qkv[0][-1], state["model.layers.0.self_attn.v_proj.weight"][-1])
+    halved = step(model)
+    assert not torch.allclose(halved, before)
+
+    model.double()
+    assert sa.qkv_weights()[0] is not sa._qkv[0]
+    torch.testing.assert_close(step(model).float(), halved, rtol=1e-4, atol=1e-4)

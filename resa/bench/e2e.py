@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="memory kept free for activations")
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="time the decode step with plain and/or torch.compile'd layer halves")
+    parser.add_argument("--no-largest-batch", dest="largest_batch", action="store_false",
+                        help="do not add the largest batch that fits where a requested batch does not")
     parser.add_argument("--out-dir", default="benchmarks/e2e")
 
 
@@ -133,13 +135,19 @@ def _breakdown(engine: Engine, cache, n: int, resa: ResaConfig) -> dict:
                                                             resa.block_size, "triton"), 100) / 1e3
     f = resa.rectify_every
     window = torch.randint(0, cfg.vocab_size, (B, f), device=engine.device)
+    runner = CacheRunner(engine, cache)
 
-    def rectify() -> None:
+    def rectify() -> None:  # what the decode loop runs: the graph of the pass (chunk_attention)
+        runner.dense_window(window, overwrite=f)
+
+    def rectify_sdpa() -> None:  # the same pass launched eagerly, attention by torch SDPA
         engine.dense_window(cache, window, overwrite=f)
 
     rect = triton.testing.do_bench(rectify, warmup=1, rep=50, return_mode="median")
+    rect_sdpa = triton.testing.do_bench(rectify_sdpa, warmup=1, rep=50, return_mode="median")
     return {"selection_ms": sel * cfg.num_layers, "sparse_attention_ms": att * cfg.num_layers,
-            "rectification_pass_ms": rect, "rectification_amortised_ms": rect / f}
+            "rectification_pass_ms": rect, "rectification_amortised_ms": rect / f,
+            "rectification_pass_sdpa_eager_ms": rect_sdpa}
 
 
 def _hf_peer(shape: str, n: int, device: torch.device) -> dict:
@@ -198,15 +206,19 @@ def run(args: argparse.Namespace) -> dict:
     rows, skipped = [], []
     free_total = torch.cuda.mem_get_info(device)[1]
     for n in args.contexts:
-        for batch in args.batches:
-            capacity = n + (args.windows + 2) * args.rectify_every + 8
-            need = KVCache.bytes_needed(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-                                        resa.block_size, 2)
-            free = torch.cuda.mem_get_info(device)[0] - args.reserve_gib * 2**30
-            if need > free:
-                skipped.append({"context": n, "batch": batch, "cache_gib": need / 2**30, "free_gib": free / 2**30})
-                print(f"skip N={n} B={batch}: cache needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
-                continue
+        capacity = n + (args.windows + 2) * args.rectify_every + 8
+        row_bytes = KVCache.bytes_needed(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim,
+                                         resa.block_size, 2)
+        free = torch.cuda.mem_get_info(device)[0] - args.reserve_gib * 2**30
+        largest = int(free // row_bytes)
+        batches = [b for b in args.batches if b <= largest]
+        for b in args.batches:
+            if b > largest:
+                skipped.append({"context": n, "batch": b, "cache_gib": b * row_bytes / 2**30, "free_gib": free / 2**30})
+                print(f"skip N={n} B={b}: cache needs {b * row_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+        if args.largest_batch and len(batches) < len(args.batches) and largest >= 1 and largest not in batches:
+            batches.append(largest)  # the largest batch that fits, where a requested one did not
+        for batch in batches:
             torch.cuda.reset_peak_memory_stats(device)
             cache = _fill_cache(engine, batch, n, capacity, resa.block_size, seed=n + batch)
             weights = weight_bytes_per_step(model, batch)
@@ -264,14 +276,17 @@ def markdown(result: dict) -> str:
             lines.append(f"| {row['context']} | {row['batch']} | {mode} | {r['ms_per_step']:.2f} | "
                          f"{r['tokens_per_s']:.1f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f} | {speed} |")
     lines += ["", "Where a ReSA step goes (ms; selection and attention summed over layers):", "",
-              "| context | batch | sparse step | selection | sparse attention | rectification pass | amortised /f | peak GiB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| context | batch | sparse step | selection | sparse attention | rectification pass "
+              "| amortised /f | share of ReSA step | pass, eager SDPA | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         b = row["breakdown"]
         step = row["modes"].get("sparse", row["modes"].get("sparse+compile", {})).get("ms_per_step", float("nan"))
         lines.append(f"| {row['context']} | {row['batch']} | {step:.2f} | {b['selection_ms']:.2f} | "
                      f"{b['sparse_attention_ms']:.2f} | {b['rectification_pass_ms']:.2f} | "
-                     f"{b['rectification_amortised_ms']:.2f} | {row['peak_gib']:.1f} |")
+                     f"{b['rectification_amortised_ms']:.2f} | {_rect_share(row):.0%} | "
+                     f"{b.get('rectification_pass_sdpa_eager_ms', float('nan')):.2f} | "
+                     f"{row['peak_gib']:.1f} |")
     if result["skipped"]:
         lines += ["", "Skipped (cache does not fit): " + ", ".join(
             f"N={s['context']} B={s['batch']} ({s['cache_gib']:.0f} GiB)" for s in result["skipped"])]
@@ -283,6 +298,12 @@ def markdown(result: dict) -> str:
             else:
                 lines.append(f"| {p['peer']} | {p['context']} | 1 | {p['ms_per_step']:.2f} | {p['tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _rect_share(row: dict) -> float:
+    """Amortised rectification pass over the fused-ReSA step time (compiled if timed)."""
+    fused = row["modes"].get("resa-fused+compile", row["modes"].get("resa-fused", {})).get("ms_per_step")
+    return row["breakdown"]["rectification_amortised_ms"] / fused if fused else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
