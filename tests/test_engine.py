@@ -147,3 +147,25 @@ def test_windows_decoded_at_full_budget_are_not_rectified(engine, dense):
     ref = engine.generate_ids(prompts, resa=ResaConfig(mode="dense"), max_new_tokens=30, eos_token_ids=[])
     assert out.stats.rectifications == 0 and out.token_ids == ref.token_ids
     assert out.stats.kv_read_fraction == 1.0
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 7])
+def test_grouped_host_checks_give_the_same_output(engine, dense, sync_every):
+    """Tokens reach the host in groups (no per-token sync): EOS and on_token stops inside a group
+    cut the output at the same place as checking every token."""
+    eos = dense.token_ids[0][5]
+    stop_row1_at = 11
+    seen = {0: [], 1: []}
+
+    def on_token(row, tok):
+        seen[row].append(tok)
+        return row == 1 and len(seen[1]) == stop_row1_at
+
+    out = engine.generate_ids(PROMPTS, resa=ResaConfig(mode="dense", **SMALL), max_new_tokens=NEW,
+                              eos_token_ids=[eos], on_token=on_token, sync_every=sync_every)
+    row0 = dense.token_ids[0][: dense.token_ids[0].index(eos)]
+    assert out.token_ids[0] == row0 == seen[0]
+    assert out.token_ids[1] == dense.token_ids[1][:stop_row1_at] == seen[1]
+    assert out.finish_reasons == ["eos", "stop"]
+    with pytest.raises(ValueError, match="sync_every"):
+        engine.generate_ids(PROMPTS, max_new_tokens=4, sync_every=0)

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from resa.kernels import chunk_attention  # noqa: E402
+from resa.kernels.chunk_attention import ChunkConfig  # noqa: E402
 from resa.ref import dense_attention_ref  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
@@ -65,6 +66,7 @@ CASES = [
     pytest.param([200, 50, 7], [9, 9, 3], 2, 4, 64, torch.bfloat16, 4, 16, id="ragged-valid-m16"),
     pytest.param([64], [20], 1, 16, 64, torch.float32, 1, 64, id="G16-fp32-single"),
     pytest.param([500], [31], 1, 7, 64, torch.bfloat16, None, 128, id="fused-window-auto-splits"),
+    pytest.param([130, 47, 16], [5, 5, 5], 2, 3, 64, torch.bfloat16, 1, 16, id="interior-tiles-single-split"),
 ]
 
 
@@ -72,7 +74,7 @@ CASES = [
 def test_chunk_attention(start, n_valid, hkv, g, d, dtype, splits, block_m):
     q, k, v, s, n = make_inputs(start, n_valid, hkv, g, d, dtype)
     out = torch.full_like(q, float("nan"))
-    got = chunk_attention(q, k, v, s, n, num_splits=splits, block_m=block_m, block_n=16, out=out)
+    got = chunk_attention(q, k, v, s, n, num_splits=splits, config=ChunkConfig(block_m, 16), out=out)
     assert got.data_ptr() == out.data_ptr()
     ref = dense_attention_ref(q, k, v, s, n)
     low = lowp_baseline(q, k, v, s, n)
@@ -90,7 +92,7 @@ def test_chunk_attention_strided_output_and_layer_view():
     n = torch.tensor([T, T], device=DEVICE)
     q = torch.randn(B, T, HKV * G, D, generator=gen).to(torch.bfloat16).to(DEVICE).transpose(1, 2)
     out = torch.empty(B, T, HKV * G, D, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2)
-    chunk_attention(q, k, v, start, n, num_splits=2, block_n=16, out=out)
+    chunk_attention(q, k, v, start, n, num_splits=2, config=ChunkConfig(block_n=16), out=out)
     assert_close(out, dense_attention_ref(q, k, v, start, n), lowp_baseline(q, k, v, start, n))
 
 
@@ -105,4 +107,4 @@ def test_chunk_attention_rejects_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         chunk_attention(q, k, v, s.repeat(2), n)
     with pytest.raises(ValueError, match="block_m"):
-        chunk_attention(q, k, v, s, n, block_m=24)
+        ChunkConfig(block_m=24)

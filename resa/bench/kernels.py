@@ -185,6 +185,18 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
             record("rectify_dense_chunk", "sdpa_bool_mask", _bench(fn, args.rep_ms), rect_bytes)
         except RuntimeError as exc:
             rows.append(dict(base, op="rectify_dense_chunk", variant="sdpa_bool_mask", error=str(exc)[:200]))
+        from resa.kernels import chunk_attention
+        from resa.kernels.chunk_attention import CHUNK_CONFIGS, ChunkConfig
+
+        start = torch.full((batch,), n_ctx - f, dtype=torch.int64, device=device)
+        width = torch.full((batch,), f, dtype=torch.int64, device=device)
+        outf = torch.empty_like(qf)
+        flops = 4 * batch * H * f * n_ctx * D
+        for cc in CHUNK_CONFIGS if sweep else (ChunkConfig(),):
+            fn = lambda c=cc: chunk_attention(qf, k, v, start, width, config=c, out=outf)  # noqa: E731
+            rec = record("rectify_dense_chunk", f"chunk_attention-m{cc.block_m}-n{cc.block_n}-w{cc.num_warps}"
+                         f"-s{cc.num_stages}" + ("-default" if cc == ChunkConfig() else ""), _bench_graph(fn, g), rect_bytes)
+            rec["tflops"] = round(flops / rec["time_us"] / 1e6, 1)
     del k, v, kb, kmin, kmax
     return rows
 
@@ -249,15 +261,16 @@ def markdown(result: dict) -> str:
                              + f" | {next(iter(g.values()))['floor_us']} |")
     rect = [r for r in rows if r["op"] == "rectify_dense_chunk"]
     if rect:
-        lines += ["", f"## Rectification chunk (f={result['rectify_window']} queries per row, SDPA)", "",
-                  "| model | context | batch | variant | time us | GB/s (% copy) | SDPA decode us |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Rectification chunk (f={result['rectify_window']} queries per row: SDPA vs chunk_attention)", "",
+                  "| model | context | batch | variant | time us | GB/s (% copy) | TFLOP/s | SDPA decode us |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rect:
             sd = next((x for x in rows if key(x) == key(r) and x["op"] == "sdpa_dense_decode"), None)
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['context'] // KIB}K | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | |")
+                lines.append(f"| {r['model']} | {r['context'] // KIB}K | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | |")
             else:
                 lines.append(f"| {r['model']} | {r['context'] // KIB}K | {r['batch']} | {r['variant']} | {r['time_us']:.1f} | "
-                             f"{r['gbps']:.0f} ({100 * r['frac_copy_bw']:.0f}%) | {sd['time_us'] if sd else ''} |")
+                             f"{r['gbps']:.0f} ({100 * r['frac_copy_bw']:.0f}%) | {r.get('tflops', '')} | {sd['time_us'] if sd else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,10 +11,13 @@ one contiguous range of key tiles of its row (all tiles of a group's queries run
 other, so K/V is fetched from HBM about once and re-read from L2), with the bottom-right aligned
 causal mask (query t of row b at position start[b] + t sees keys j <= start[b] + t, j < end[b]).
 Online softmax in fp32, base 2; partial outputs and log-sum-exps are merged by `merge_chunk_kernel`.
-Splits are chosen on the host from static shapes only, so the launch can be captured in a CUDA graph.
+Tiles wholly below the chunk's first position skip the masks. Splits are chosen on the host from
+static shapes only, so the launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,21 +28,26 @@ from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, chec
 
 @triton.jit
 def _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn, qk_scale,
-                m_i, l_i, acc, UPCAST: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1."""
+                m_i, l_i, acc, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1. MASK=False for tiles every query
+    sees whole (all keys below the chunk's first position): no bounds or causal mask."""
     tok = n0 + offs_n
-    in_row = tok < end
     tok64 = tok.to(tl.int64)
-    kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=in_row[:, None], other=0.0)
-    vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+    if MASK:
+        in_row = tok < end
+        kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+        vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+    else:
+        kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :])
+        vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :])
     if UPCAST:
         kt = kt.to(tl.float32)
         vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
     else:
         s = tl.dot(q, tl.trans(kt)) * qk_scale
-    ok = in_row[None, :] & (tok[None, :] <= qpos[:, None])
-    s = tl.where(ok, s, float("-inf"))
+    if MASK:
+        s = tl.where(in_row[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -101,16 +109,25 @@ def chunk_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # Tiles wholly below the chunk's first position are seen by every query: no mask there.
+    mid = tl.minimum(hi, tl.maximum(lo, lo + (start - lo) // BLOCK_N * BLOCK_N))
     if WHILE_LOOP:
         n0 = lo
+        while n0 < mid:
+            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
+                                        qk_scale, m_i, l_i, acc, UPCAST, False)
+            n0 += BLOCK_N
         while n0 < hi:
             m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST)
+                                        qk_scale, m_i, l_i, acc, UPCAST, True)
             n0 += BLOCK_N
     else:
-        for n0 in range(lo, hi, BLOCK_N):
+        for n0 in range(lo, mid, BLOCK_N):
             m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST)
+                                        qk_scale, m_i, l_i, acc, UPCAST, False)
+        for n0 in range(mid, hi, BLOCK_N):
+            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
+                                        qk_scale, m_i, l_i, acc, UPCAST, True)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -152,6 +169,30 @@ def merge_chunk_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + t * stride_ot + offs_d, res.to(out_ptr.dtype.element_ty))
 
 
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Launch shape of `chunk_attention_kernel`: query rows and keys per tile, warps, stages."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for what, val in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"chunk_attention: {what} must be a power of two >= 16, got {val}")
+
+
+# The short list the kernel benchmark sweeps; the default above won it on an H200 at
+# 128K-256K, batch 1-4 (docs/kernels.md has the measurement).
+CHUNK_CONFIGS = (
+    ChunkConfig(128, 64, 8, 2), ChunkConfig(128, 64, 8, 3), ChunkConfig(128, 64, 8, 4),
+    ChunkConfig(128, 128, 8, 2), ChunkConfig(128, 32, 4, 3), ChunkConfig(256, 64, 8, 2),
+    ChunkConfig(256, 32, 8, 3),
+)
+
+
 def choose_chunk_splits(groups: int, m_tiles: int, capacity: int, block_n: int, num_sms: int) -> int:
     """Splits per (row, KV head): about two waves of programs, at least four key tiles per split."""
     want = triton.cdiv(2 * num_sms, max(groups * m_tiles, 1))
@@ -168,10 +209,7 @@ def chunk_attention(
     scale: float | None = None,
     *,
     num_splits: int | None = None,
-    block_m: int = 128,
-    block_n: int = 64,
-    num_warps: int = 8,
-    num_stages: int = 2,
+    config: ChunkConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of T queries per row over that row's cache; same contract as
@@ -206,9 +244,7 @@ def chunk_attention(
         raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
     if D not in (64, 128, 256):
         raise ValueError(f"{name}: head dim {D} unsupported (64, 128, 256)")
-    for what, val in (("block_m", block_m), ("block_n", block_n)):
-        if val < 16 or val & (val - 1):
-            raise ValueError(f"{name}: {what} must be a power of two >= 16, got {val}")
+    cfg = config or ChunkConfig()
     G = H // HKV
     if out is None:
         out = torch.empty(B, H, T, D, dtype=q.dtype, device=device)
@@ -218,7 +254,7 @@ def chunk_attention(
     if B == 0 or T == 0:
         return out
     rows = G * T
-    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    block_m, block_n = min(cfg.block_m, max(16, triton.next_power_of_2(rows))), cfg.block_n
     m_tiles = triton.cdiv(rows, block_m)
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -237,7 +273,7 @@ def chunk_attention(
         HKV, T, num_splits, scale * 1.4426950408889634,
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         UPCAST=interpreting() or q.dtype == torch.float32, WHILE_LOOP=interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     merge_chunk_kernel[(B * HKV * rows,)](
         o_part, lse, out,
