@@ -103,6 +103,11 @@ def test_gsm8k_answer_parsing():
     assert "<<" not in w and w.endswith("The answer is 13.")
 
 
+def test_gsm8k_batches_group_similar_lengths():
+    batches = gsm8k.equal_length_batches([30, 10, 20, 10, 50], 2)
+    assert batches == [[1, 3], [2, 0], [4]]
+
+
 def test_stratified_bootstrap_is_the_macro_average():
     m, lo, hi = stratified_bootstrap([[1, 1, 0, 1], [0, 0]])
     assert m == pytest.approx(0.375) and lo <= m <= hi

@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--length", type=int, default=4096, help="tokens per sample, prompt + answer (default 4096)")
     rt.add_argument("--tasks", default="single,multikey,multivalue,vt,cwe")
     rt.add_argument("--samples", type=int, default=20, help="samples per task")
-    rt.add_argument("--batch", type=int, default=4, help="samples prefilled and decoded together")
+    rt.add_argument("--batch", type=int, default=1,
+                    help="samples prefilled and decoded together (default 1: samples differ in length, and "
+                         "ragged batches decode far slower on CPU)")
     rt.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="ReSA active ratios")
     rt.add_argument("--rectify-every", type=int, default=32)
     rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
@@ -144,7 +146,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     from . import retrieval
 
     if args.quick:
-        s = retrieval.RetrievalSettings(length=512, samples=2, batch=2, ratios=(0.1,), haystack="sample",
+        s = retrieval.RetrievalSettings(length=384, samples=1, batch=1, ratios=(0.1,), haystack="sample",
                                         words="code", min_blocks=4)
     else:
         s = retrieval.RetrievalSettings(length=args.length, tasks=tuple(args.tasks.split(",")),

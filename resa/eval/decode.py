@@ -89,9 +89,18 @@ def stack_rows(engine, rows: Sequence[KVCache], capacity: int) -> KVCache:
     return out
 
 
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
+
+
 def eos_ids(engine) -> tuple[int, ...]:
-    """The ids that end an answer: the tokenizer's EOS ids (for chat models, the end-of-turn token)."""
+    """The ids that end an answer: the tokenizer's EOS ids plus the end-of-turn markers of common
+    chat templates that the tokenizer knows as single special tokens (some GGUF files name only
+    <|endoftext|> as EOS although the chat template ends each turn with <|im_end|>)."""
     tok = engine.tokenizer
-    if tok is not None and tok.eos_token_ids:
-        return tuple(tok.eos_token_ids)
-    return tuple(engine.model.cfg.eos_token_ids)
+    ids = set(tok.eos_token_ids) if tok is not None and tok.eos_token_ids else set(engine.model.cfg.eos_token_ids)
+    if tok is not None and hasattr(tok, "apply_chat_template"):
+        for marker in END_OF_TURN:
+            enc = tok.encode(marker, add_bos=False)
+            if len(enc) == 1 and tok.decode(enc) == "":
+                ids.add(enc[0])
+    return tuple(sorted(ids))

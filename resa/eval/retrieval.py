@@ -27,7 +27,7 @@ class RetrievalSettings:
     length: int = 4096
     tasks: tuple[str, ...] = ruler.TASKS
     samples: int = 20
-    batch: int = 4
+    batch: int = 1
     ratios: tuple[float, ...] = (0.05, 0.1, 0.2)
     haystack: str = "essays"
     words: str = "essays"
@@ -52,8 +52,11 @@ class RetrievalSettings:
 
 
 def settings_dict(s: RetrievalSettings) -> dict:
+    """The settings that identify a run. `samples` is left out: sample i is the same whatever the
+    count, so a run can be extended with more samples and keeps its finished cells."""
     d = asdict(s)
     d["tasks"], d["ratios"] = list(s.tasks), list(s.ratios)
+    del d["samples"]
     return d
 
 
@@ -69,6 +72,7 @@ def run(engine, store, s: RetrievalSettings, progress: bool = True) -> None:
     from tqdm import tqdm
 
     n_batches = -(-s.samples // s.batch)
+    store.data["meta"]["samples"] = s.samples
     if all(store.done(f"{t}/b{bi}") for t in s.tasks for bi in range(n_batches)):
         return
     maker = sample_maker(engine.tokenizer, s)
