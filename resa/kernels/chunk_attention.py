@@ -184,7 +184,7 @@ class ChunkConfig:
                 raise ValueError(f"chunk_attention: {what} must be a power of two >= 16, got {val}")
 
 
-# The short list the kernel benchmark sweeps; the default above won it on an H200 at
+# The short list the kernel benchmark sweeps; the default above won it on an H100 and an H200 at
 # 128K-256K, batch 1-4 (docs/kernels.md has the measurement).
 CHUNK_CONFIGS = (
     ChunkConfig(128, 64, 8, 2), ChunkConfig(128, 64, 8, 3), ChunkConfig(128, 64, 8, 4),
