@@ -89,6 +89,12 @@ class KVCache:
         per_slot = 2 * num_layers * batch * num_kv_heads * head_dim * element_size
         return per_slot * (capacity + -(-capacity // block_size))
 
+    def reset(self) -> None:
+        """Empty every row (buffers and their addresses stay, so captured CUDA graphs stay valid;
+        stale slots past a row's length are never read)."""
+        self.lengths.zero_()
+        self.host_lengths = [0] * self.batch
+
     @property
     def batch(self) -> int:
         return self.k.shape[1]

@@ -78,7 +78,7 @@ class Engine:
     """Runs a `Transformer` with a `KVCache`: the one code path for generation and evaluation."""
 
     def __init__(self, model: Transformer, tokenizer=None, poison_cache: bool = False,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, reuse_buffers: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.poison_cache = poison_cache
@@ -87,6 +87,10 @@ class Engine:
         model.fuse_projections()
         # Decode steps replay CUDA graphs on GPUs (no host work per layer); CPU runs eagerly.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # Keep the last generation's cache and captured graphs for the next call with the same
+        # batch bucket (see `_acquire`); on by default where there are graphs to keep.
+        self.reuse_buffers = self.cuda_graphs if reuse_buffers is None else reuse_buffers
+        self._pooled: tuple[KVCache, CacheRunner] | None = None
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -128,6 +132,39 @@ class Engine:
                 )
         return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, block_size,
                        dtype=self.dtype, device=self.device, poison=self.poison_cache)
+
+    def release_buffers(self) -> None:
+        """Free the cache (and CUDA graphs) kept from the last generation."""
+        self._pooled = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _acquire(self, batch: int, need: int, block_size: int, keep: bool) -> tuple[KVCache, "CacheRunner"]:
+        """A cache of at least `batch` rows x `need` tokens and its runner.
+
+        With reuse_buffers, rows come in power-of-two buckets (extra rows decode a 1-token dummy
+        prompt: nearly free, decoding is bound by the weights) and the capacity is rounded up to
+        4096 tokens, so later calls of a similar size reuse the cache and its captured graphs
+        instead of capturing new ones. A rounded cache that does not fit falls back to the exact size.
+        """
+        if not self.reuse_buffers or keep:
+            cache = self.new_cache(batch, need, block_size)
+            return cache, CacheRunner(self, cache)
+        rows = 1 << (batch - 1).bit_length()
+        if self._pooled is not None:
+            cache, runner = self._pooled
+            if cache.batch == rows and cache.capacity >= need and cache.block_size == block_size:
+                cache.reset()
+                return cache, runner
+        self.release_buffers()
+        capacity = max(need, min(-(-need // 4096) * 4096, self.context_length))
+        try:
+            cache = self.new_cache(rows, capacity, block_size)
+        except ValueError:  # the rounded cache does not fit the free GPU memory: exact size
+            rows, capacity = batch, need
+            cache = self.new_cache(rows, capacity, block_size)
+        self._pooled = (cache, CacheRunner(self, cache))
+        return self._pooled
 
     def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]], chunk: int) -> torch.Tensor:
         """Dense, chunked prefill of one prompt per row into an empty cache.
@@ -260,26 +297,27 @@ class Engine:
         stats = GenerationStats(resa.mode if not resa.is_dense else "dense", resa.rectify_variant, lens)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        cache = self.new_cache(B, need, resa.block_size)
+        cache, runner = self._acquire(B, need, resa.block_size, keep_cache)
         gen = make_generator(sampling, self.device)
+        # Rows past B (a batch bucket's spare rows) decode a 1-token dummy prompt; never output.
+        rows = list(prompt_ids) + [[0]] * (cache.batch - B)
 
         t0 = _now(self.device)
-        logits = self.prefill(cache, prompt_ids, resa.prefill_chunk)
+        logits = self.prefill(cache, rows, resa.prefill_chunk)
         t1 = _now(self.device)
         stats.prefill_seconds = t1 - t0
 
-        history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=self.device)
+        history = torch.empty(cache.batch, max_new_tokens, dtype=torch.int64, device=self.device)
         outputs: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         done = [False] * B
         sparse_cfg = None if resa.is_dense else resa
-        runner = CacheRunner(self, cache)
         checked = 0  # tokens of `history` already handed to the host
 
         def drain(upto: int) -> None:
             """Bring tokens checked..upto-1 to the host (one sync), apply EOS and on_token."""
             nonlocal checked
-            for b, toks in enumerate(history[:, checked:upto].tolist()):
+            for b, toks in enumerate(history[:B, checked:upto].tolist()):
                 for tok in toks:
                     if done[b]:
                         break
@@ -298,12 +336,13 @@ class Engine:
                 drain(t + 1)
             if all(done) or last:
                 break
-            cached = sum(cache.host_lengths)
-            fed = feed_token(runner, history, t, resa, max_length=max(cache.host_lengths))
+            real = cache.host_lengths[:B]
+            cached = sum(real)
+            fed = feed_token(runner, history, t, resa, max_length=max(real))
             logits = fed.logits
             stats.rectifications += fed.rectified
             if fed.sparse:
-                stats.kv_tokens_read += self._step_reads(cache.host_lengths, sparse_cfg)
+                stats.kv_tokens_read += self._step_reads(cache.host_lengths[:B], sparse_cfg)
                 stats.kv_tokens_read += cached if fed.rectified else 0
             else:
                 stats.kv_tokens_read += cached + B

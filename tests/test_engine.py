@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from resa.config import ResaConfig
-from resa.engine import PromptTooLongError, _find_stop
+from resa.engine import Engine, PromptTooLongError, _find_stop
 from resa.sampling import SamplingConfig
 from tests.tiny import random_prompts, tiny_engine
 
@@ -169,3 +169,30 @@ def test_grouped_host_checks_give_the_same_output(engine, dense, sync_every):
     assert out.finish_reasons == ["eos", "stop"]
     with pytest.raises(ValueError, match="sync_every"):
         engine.generate_ids(PROMPTS, max_new_tokens=4, sync_every=0)
+
+
+def test_reused_buffers_give_the_same_output():
+    """With reuse_buffers, batches share a power-of-two bucket cache across calls (spare rows
+    decode a dummy prompt): outputs equal fresh, exact-size caches; a smaller later call reuses
+    the same cache and runner, a larger bucket replaces it."""
+    from tests.tiny import tiny_model
+
+    model = tiny_model()
+    pooled, fresh = Engine(model, reuse_buffers=True), Engine(model, reuse_buffers=False)
+    prompts = random_prompts([150, 60, 97], seed=8)
+    cfg = ResaConfig(mode="resa", rectify_every=8, **SMALL)
+    a = pooled.generate_ids(prompts, resa=cfg, max_new_tokens=20, eos_token_ids=[])
+    cache, runner = pooled._pooled
+    assert cache.batch == 4 and cache.capacity == 4096
+    b = pooled.generate_ids(prompts[:2], resa=cfg, max_new_tokens=20, eos_token_ids=[])
+    assert pooled._pooled is not None and pooled._pooled[0] is not cache  # bucket 2, new cache
+    c = pooled.generate_ids(prompts[::-1], resa=cfg, max_new_tokens=20, eos_token_ids=[])
+    kept = pooled._pooled
+    d = pooled.generate_ids(prompts[::-1][:3], resa=cfg, max_new_tokens=10, eos_token_ids=[])
+    assert pooled._pooled is kept  # same bucket, smaller need: reused
+    ref = fresh.generate_ids(prompts, resa=cfg, max_new_tokens=20, eos_token_ids=[])
+    assert a.token_ids == ref.token_ids
+    assert a.stats.kv_tokens_read == ref.stats.kv_tokens_read  # spare rows are not counted
+    assert b.token_ids == a.token_ids[:2]
+    assert c.token_ids == a.token_ids[::-1]
+    assert d.token_ids == [t[:10] for t in c.token_ids]

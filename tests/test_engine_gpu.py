@@ -61,3 +61,15 @@ def plain_fns():
     from resa.decode_layer import post_attention, pre_attention
 
     return (pre_attention, post_attention)
+
+
+def test_reused_cache_and_graphs_equal_fresh(model):
+    """A second generation of the same batch bucket replays the graphs captured by the first."""
+    engine = Engine(model, cuda_graphs=True)
+    first = _gen(engine, "resa", "fused")
+    cache, runner = engine._pooled
+    keys = set(runner.graphs)
+    second = _gen(engine, "resa", "fused")
+    assert engine._pooled[0] is cache and engine._pooled[1] is runner and set(runner.graphs) == keys
+    fresh = _gen(Engine(model, cuda_graphs=True, reuse_buffers=False), "resa", "fused")
+    assert first.token_ids == second.token_ids == fresh.token_ids
