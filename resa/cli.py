@@ -43,7 +43,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the model's chat template (default when it has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: torch.compile the layer halves of the decode step (fewer kernels; compiles once)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="CUDA: launch every kernel eagerly instead of replaying captured graphs")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
     p.add_argument("--quiet", action="store_true", help="no stats line")
     p.set_defaults(func=_generate)
@@ -80,7 +84,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         prompts = _read_prompts(args)
-        engine = Engine.load(args.model, device=args.device, backend=args.backend)
+        engine = Engine.load(args.model, device=args.device, backend=args.backend, cuda_graphs=args.cuda_graphs)
+        if args.compile:
+            engine.model.compile_decode()
         chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
         stream = len(prompts) == 1
 

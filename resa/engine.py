@@ -94,10 +94,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-             backend: str = "auto") -> "Engine":
+             backend: str = "auto", cuda_graphs: bool = True) -> "Engine":
         """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)."""
         from .default_model import default_model_path
         from .loader import load_checkpoint
+
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use device 'cpu' or a CUDA build of torch")
 
         ckpt = load_checkpoint(path if path is not None else default_model_path())
         dev = torch.device(device)
@@ -108,7 +112,7 @@ class Engine:
         model = model.to_empty(device=dev).to(dtype)
         model.load_weights(ckpt.tensors)
         model.eval()
-        return cls(model, ckpt.tokenizer)
+        return cls(model, ckpt.tokenizer, cuda_graphs=cuda_graphs)
 
     @property
     def context_length(self) -> int:

@@ -196,3 +196,9 @@ def test_reused_buffers_give_the_same_output():
     assert b.token_ids == a.token_ids[:2]
     assert c.token_ids == a.token_ids[::-1]
     assert d.token_ids == [t[:10] for t in c.token_ids]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_device_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Engine.load(device="cuda")
