@@ -8,17 +8,36 @@ from resa.config import ResaConfig
 from tests.tiny import random_prompts, tiny_engine
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_decode_static_matches_step(mode):
-    engine = tiny_engine(seed=3)
-    engine.poison_cache = False  # both paths must see the same cache contents
-    resa = ResaConfig(mode=mode, block_size=4, min_blocks=4, active_ratio=0.2)
-    prompts = random_prompts([150, 67], seed=4)
+def two_prefilled(seed, lengths, capacity, chunk):
+    """An engine (unpoisoned: both paths must see the same contents) and two identical prefilled caches."""
+    engine = tiny_engine(seed=seed)
+    engine.poison_cache = False
+    prompts = random_prompts(lengths, seed=seed + 1)
     caches = []
     for _ in range(2):
-        cache = engine.new_cache(2, 200, 4)
-        engine.prefill(cache, prompts, chunk=64)
+        cache = engine.new_cache(len(lengths), capacity, 4)
+        engine.prefill(cache, prompts, chunk=chunk)
         caches.append(cache)
+    return engine, caches
+
+
+def assert_rows_equal(a, b, ends, with_v=False):
+    """K (and V), and the block summaries, of every row up to its length agree."""
+    for row, n in enumerate(ends):
+        nb = -(-n // a.block_size)
+        names = ("k", "v") if with_v else ("k",)
+        for name in names:
+            torch.testing.assert_close(getattr(a, name)[:, row, :, :n], getattr(b, name)[:, row, :, :n],
+                                       rtol=1e-5, atol=1e-5)
+        for name in ("kmin", "kmax"):
+            torch.testing.assert_close(getattr(a, name)[:, row, :, :nb], getattr(b, name)[:, row, :, :nb],
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_decode_static_matches_step(mode):
+    engine, caches = two_prefilled(3, [150, 67], 200, 64)
+    resa = ResaConfig(mode=mode, block_size=4, min_blocks=4, active_ratio=0.2)
     tokens = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12], [13, 14], [15, 16], [17, 18]])
     for tok in tokens:
         ref = engine.step(caches[0], tok, resa)
@@ -26,39 +45,21 @@ def test_decode_static_matches_step(mode):
         caches[1].host_lengths = [n + 1 for n in caches[1].host_lengths]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [157, 74]
-    for row, n in enumerate((157, 74)):
-        nb = -(-n // 4)
-        torch.testing.assert_close(caches[1].k[:, row, :, :n], caches[0].k[:, row, :, :n], rtol=1e-5, atol=1e-5)
-        for name in ("kmin", "kmax"):
-            a, b = getattr(caches[1], name), getattr(caches[0], name)
-            torch.testing.assert_close(a[:, row, :, :nb], b[:, row, :, :nb], rtol=1e-5, atol=1e-5)
+    assert_rows_equal(caches[1], caches[0], (157, 74))
 
 
 @pytest.mark.parametrize("overwrite", [8, 7, 0])
 def test_window_static_matches_dense_window(overwrite):
     """The device-side rectification pass (what a CUDA graph captures) equals the host-driven one:
     same logits, same rewritten K/V and summaries, same lengths."""
-    engine = tiny_engine(seed=5)
-    engine.poison_cache = False
-    prompts = random_prompts([90, 45], seed=6)
-    caches = []
-    for _ in range(2):
-        cache = engine.new_cache(2, 128, 4)
-        engine.prefill(cache, prompts, chunk=32)
-        caches.append(cache)
+    engine, caches = two_prefilled(5, [90, 45], 128, 32)
     window = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(7))
     ref = engine.dense_window(caches[0], window, overwrite=overwrite)
     out = engine.model.window_static(window, caches[1], overwrite=overwrite)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     ends = [90 - overwrite + 8, 45 - overwrite + 8]
     assert caches[1].lengths.tolist() == ends == list(caches[0].host_lengths)
-    for row, n in enumerate(ends):
-        nb = -(-n // 4)
-        torch.testing.assert_close(caches[1].k[:, row, :, :n], caches[0].k[:, row, :, :n], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(caches[1].v[:, row, :, :n], caches[0].v[:, row, :, :n], rtol=1e-5, atol=1e-5)
-        for name in ("kmin", "kmax"):
-            a, b = getattr(caches[1], name), getattr(caches[0], name)
-            torch.testing.assert_close(a[:, row, :, :nb], b[:, row, :, :nb], rtol=1e-5, atol=1e-5)
+    assert_rows_equal(caches[1], caches[0], ends, with_v=True)
 
 
 def test_fused_projections_are_views_and_follow_loads():

@@ -44,4 +44,19 @@ def check_last_contiguous(name: str, what: str, t: torch.Tensor) -> None:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v of an attention kernel: one float dtype, contiguous last dimension, H a multiple of
+    HKV (dim 1), head dim (last) 64, 128 or 256. Shapes are checked by the caller."""
+    check_dtype(name, "q", q, FLOAT_DTYPES)
+    for what, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from q dtype {q.dtype}")
+    for what, t in (("q", q), ("k", k), ("v", v)):
+        check_last_contiguous(name, what, t)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{name}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    if q.shape[-1] not in (64, 128, 256):
+        raise ValueError(f"{name}: head dim {q.shape[-1]} unsupported (64, 128, 256)")
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
+from ._common import INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_qkv, check_shape, interpreting
+from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
@@ -40,24 +41,10 @@ def _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, strid
     else:
         kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :])
         vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :])
-    if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(kt)) * qk_scale
+    s = tile_scores(q, kt, qk_scale, UPCAST)
     if MASK:
         s = tl.where(in_row[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l_i, acc
+    return online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
 
 
 @triton.jit
@@ -232,18 +219,9 @@ def chunk_attention(
     check_shape(name, "v", v, (B, HKV, nmax, D))
     check_shape(name, "start", start, (B,))
     check_shape(name, "n_valid", n_valid, (B,))
-    check_dtype(name, "q", q, FLOAT_DTYPES)
-    for what, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from q dtype {q.dtype}")
-    for what, t in (("q", q), ("k", k), ("v", v)):
-        check_last_contiguous(name, what, t)
+    check_qkv(name, q, k, v)
     check_dtype(name, "start", start, INDEX_DTYPES)
     check_dtype(name, "n_valid", n_valid, INDEX_DTYPES)
-    if H % HKV:
-        raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
-    if D not in (64, 128, 256):
-        raise ValueError(f"{name}: head dim {D} unsupported (64, 128, 256)")
     cfg = config or ChunkConfig()
     G = H // HKV
     if out is None:

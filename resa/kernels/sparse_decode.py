@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
+from ._common import INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_qkv, check_shape, interpreting
+from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
@@ -34,24 +35,8 @@ def _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs
     tok64 = tok.to(tl.int64)
     kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
     vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(kt)) * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A tile with nothing valid yet keeps m at -inf; shift by 0 then so exp2 gives 0, not NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l_i, acc
+    s = tl.where(valid[None, :], tile_scores(q, kt, qk_scale, UPCAST), float("-inf"))
+    return online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
 
 
 @triton.jit
@@ -226,25 +211,16 @@ def sparse_decode(
     check_shape(name, "v", v, (B, HKV, nmax, D))
     check_shape(name, "lengths", lengths, (B,))
     check_shape(name, "block_table", block_table, (B, HKV, S))
-    check_dtype(name, "q", q, FLOAT_DTYPES)
-    for what, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: {what} dtype {t.dtype} differs from q dtype {q.dtype}")
-    for what, t in (("q", q), ("k", k), ("v", v)):
-        check_last_contiguous(name, what, t)
+    check_qkv(name, q, k, v)
     check_dtype(name, "lengths", lengths, INDEX_DTYPES)
     check_dtype(name, "block_table", block_table, INDEX_DTYPES)
     if num_selected is not None:
         check_device(name, q, num_selected)
         check_shape(name, "num_selected", num_selected, (B,))
         check_dtype(name, "num_selected", num_selected, INDEX_DTYPES)
-    if H % HKV:
-        raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
     G = H // HKV
     if G > 16:
         raise ValueError(f"{name}: group size {G} > 16 unsupported")
-    if D not in (64, 128, 256):
-        raise ValueError(f"{name}: head dim {D} unsupported (64, 128, 256)")
     if block_size < 1 or block_size > 128 or block_size & (block_size - 1):
         raise ValueError(f"{name}: block_size must be a power of two in 1..128, got {block_size}")
     if out is None:
