@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from ._common import INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_qkv, check_shape, interpreting
-from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
@@ -35,8 +34,26 @@ def _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs
     tok64 = tok.to(tl.int64)
     kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
     vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    s = tl.where(valid[None, :], tile_scores(q, kt, qk_scale, UPCAST), float("-inf"))
-    return online_softmax_step(s, vt, m_i, l_i, acc, UPCAST)
+    # Written out rather than through `_online_softmax` (which the chunk kernel uses): with the
+    # shared helpers this kernel measured 52 us instead of 47 us at 128K, batch 4 on an H100.
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(kt)) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A tile with nothing valid yet keeps m at -inf; shift by 0 then so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
 
 
 @triton.jit
