@@ -68,6 +68,15 @@ def retrieval_table(summary: dict) -> str:
             extra = f" ({r['better']}+/{r['worse']}-)" if "better" in r else ""
             cells.append(fmt_ci(*r["diff"]) + extra)
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    depth = summary.get("single_by_depth") or {}
+    if depth:
+        depths = sorted({d for m in depth.values() for d in m}, key=float)
+        lines += ["", "Single needle, accuracy % by needle depth (0 = start of the haystack):", "",
+                  "| condition | " + " | ".join(depths) + " |", "|" + "---|" * (len(depths) + 1)]
+        for c in conds:
+            m = depth.get(c, {})
+            lines.append(f"| {_cond_label(c)} | " + " | ".join(
+                f"{100 * m[d]:.0f}" if d in m else "" for d in depths) + " |")
     return "\n".join(lines)
 
 

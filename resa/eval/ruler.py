@@ -199,7 +199,10 @@ class SampleMaker:
         return user, prefix, answers, depths
 
     def _cwe(self, rng: Random, budget: int) -> tuple[str, str, list[str], list[float]]:
-        freq_common, freq_rare, n_common = (30, 3, 10) if budget >= 2000 else (6, 2, 10)
+        if budget >= 2000:
+            freq_common, freq_rare, n_common = 30, 3, 10  # RULER's setting
+        else:  # short smoke-test prompts: fewer, less frequent common words
+            freq_common, freq_rare, n_common = 3, 1, 5
         pool = rng.sample(self.words, len(self.words))
         common = pool[:n_common]
         # A listed word costs its tokens plus its number: about 4 tokens on these tokenizers.
