@@ -77,12 +77,15 @@ CASES = [
     pytest.param([1000], 2, 6, 64, 0.1, 2, 2, id="N1000-G6-D64-local2"),
     pytest.param([1000, 17, 255, 1, 0], 2, 7, 64, 0.1, 3, 1, id="ragged-G7-D64"),
     pytest.param([700, 300], 1, 1, 64, 1.0, 16, 1, id="ratio1-dense"),
+    # 69 blocks: a top-n row of 64 keys plus a 16-key tail holding the newest blocks
+    pytest.param([1100], 1, 7, 64, 0.1, 4, 1, id="N1100-two-part-row"),
+    pytest.param([1100, 1030, 400], 2, 7, 64, 0.2, 4, 2, id="ragged-two-part-row-local2"),
 ]
 
 
 @pytest.mark.parametrize("method,topn", [("fused", "interp"), ("fused", "bisect"), ("fused", "radix"),
-                                         ("two_pass", "interp"), ("torch", "interp")],
-                         ids=["fused", "fused-bisect", "fused-radix", "two_pass", "torch"])
+                                         ("two_pass", "interp"), ("two_pass", "bisect"), ("torch", "interp")],
+                         ids=["fused", "fused-bisect", "fused-radix", "two_pass", "two_pass-bisect", "torch"])
 @pytest.mark.parametrize("lengths,hkv,g,d,ratio,min_blocks,local", CASES)
 def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method, topn):
     q, kmin, kmax, lens = make_inputs(lengths, hkv, g, d, torch.bfloat16)
@@ -161,3 +164,18 @@ def test_select_blocks_many_ties_stable(method, topn):
             s[nbb - 1] = float("inf")
             order = sorted(range(nbb), key=lambda i: (-float(s[i]), i))[:n]
             assert table[b, h, :n].cpu().tolist() == sorted(order)
+
+
+def test_topn_parts():
+    """Rows just past a power of two get a small tail; others keep one power-of-two part."""
+    from resa.kernels.selection import topn_parts
+
+    assert topn_parts(16393) == (16384, 16)
+    assert topn_parts(16384) == (16384, 16)
+    assert topn_parts(12000) == (8192, 4096)
+    assert topn_parts(16000) == (16384, 16)
+    assert topn_parts(69) == (64, 16)
+    assert topn_parts(16393, "radix") == (32768, 16)
+    for nb in (1, 20, 63, 64, 65, 100, 300, 5000, 8193, 20000):
+        main, tail = topn_parts(nb)
+        assert main + tail >= nb and main & (main - 1) == 0 and tail & (tail - 1) == 0

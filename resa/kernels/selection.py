@@ -41,7 +41,13 @@ def _score_to_key(s):
 
 
 @triton.jit
-def _threshold_bisect(key, inb, nb, n, nloc, INTERP: tl.constexpr):
+def _count_ge(key, key_t, t):
+    """Keys >= t in both parts of a row."""
+    return tl.sum((key >= t).to(tl.int32)) + tl.sum((key_t >= t).to(tl.int32))
+
+
+@triton.jit
+def _threshold_bisect(key, inb, key_t, inb_t, nb, n, nloc, INTERP: tl.constexpr):
     """Largest t with count(key >= t) >= n. Returns (t, count(key >= t)).
 
     Each round costs one pass over the row held in registers plus one block reduction, so the
@@ -50,12 +56,16 @@ def _threshold_bisect(key, inb, nb, n, nloc, INTERP: tl.constexpr):
     ends (keys of nearby floats are linear in the value) and probes two keys around the guess in
     the same reduction; when a round fails to bracket the crossing, the next one probes around
     the midpoint, so the interval still at least halves every two rounds. Both stop as soon as
-    exactly n keys clear the lower end."""
+    exactly n keys clear the lower end. The row comes in two parts (key, key_t: see `_topn_row`);
+    INTERP needs the tail empty."""
     valid_other = inb & (key != 2147483647)
-    lo = tl.min(tl.where(inb, key, 2147483647)).to(tl.int64)
+    valid_other_t = inb_t & (key_t != 2147483647)
+    lo = tl.minimum(tl.min(tl.where(inb, key, 2147483647)), tl.min(tl.where(inb_t, key_t, 2147483647))).to(tl.int64)
     # The answer is INT_MAX when the forced local blocks alone fill the budget; otherwise it is
     # at most the largest non-local key.
-    hi = tl.where(n <= nloc, 2147483647, tl.max(tl.where(valid_other, key, -2147483648))).to(tl.int64)
+    top = tl.maximum(tl.max(tl.where(valid_other, key, -2147483648)),
+                     tl.max(tl.where(valid_other_t, key_t, -2147483648)))
+    hi = tl.where(n <= nloc, 2147483647, top).to(tl.int64)
     hi = tl.maximum(hi, lo)
     c_lo = nb
     c_up = tl.where(n <= nloc, 0, nloc)  # count(key >= hi + 1)
@@ -81,7 +91,7 @@ def _threshold_bisect(key, inb, nb, n, nloc, INTERP: tl.constexpr):
     else:
         while (lo < hi) & (c_lo != n):
             mid = (lo + hi + 1) >> 1
-            c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32))
+            c = _count_ge(key, key_t, mid.to(tl.int32))
             take = c >= n
             lo = tl.where(take, mid, lo)
             c_lo = tl.where(take, c, c_lo)
@@ -117,32 +127,49 @@ def _threshold_radix(key, inb, n):
 
 @triton.jit
 def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slots, ppm, min_blocks,
-              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr,
-              WAYS: tl.constexpr):
-    """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1."""
+              local_blocks, BLOCK_NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+              RADIX: tl.constexpr, WAYS: tl.constexpr):
+    """Exact top-n of one (row, KV head): keys_row[0:nb] -> table_row[0:S] ascending, then -1.
+
+    The row is held in registers as two parts, keys [0, BLOCK_NB) and a tail [BLOCK_NB,
+    BLOCK_NB + BLOCK_T), both powers of two: a row just past a power of two (a 256K context plus
+    the generated tokens) then costs BLOCK_NB + a small tail instead of twice BLOCK_NB. Only the
+    bisection reads the tail; the interpolation and radix variants are launched with an empty one.
+    """
     n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
     n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
     offs = tl.arange(0, BLOCK_NB)
+    offs_t = BLOCK_NB + tl.arange(0, BLOCK_T)
     inb = offs < nb
+    inb_t = offs_t < nb
     # .cg: the keys were written by other programs of this launch; read them from L2, not L1.
     key = tl.load(keys_row + offs, mask=inb, other=-2147483648, cache_modifier=".cg")
+    key_t = tl.load(keys_row + offs_t, mask=inb_t, other=-2147483648, cache_modifier=".cg")
     key = tl.where(inb & (offs >= nb - local_blocks), 2147483647, key)
+    key_t = tl.where(inb_t & (offs_t >= nb - local_blocks), 2147483647, key_t)
     if RADIX:
         t = _threshold_radix(key, inb, n)
         c_t = n + 1
     else:
-        t, c_t = _threshold_bisect(key, inb, nb, n, tl.minimum(local_blocks, nb), WAYS == 2)
+        t, c_t = _threshold_bisect(key, inb, key_t, inb_t, nb, n, tl.minimum(local_blocks, nb), WAYS == 2)
     if c_t == n:
         # Exactly n keys are >= t (the usual case with distinct scores): no ties to break.
         sel = inb & (key >= t) & (n > 0)
+        sel_t = inb_t & (key_t >= t) & (n > 0)
     else:
         gt = inb & (key > t) & (n > 0)
-        need = n - tl.sum(gt.to(tl.int32))
+        gt_t = inb_t & (key_t > t) & (n > 0)
+        need = n - tl.sum(gt.to(tl.int32)) - tl.sum(gt_t.to(tl.int32))
         eq = (inb & (key == t)).to(tl.int32)
+        eq_t = (inb_t & (key_t == t)).to(tl.int32)
         sel = gt | ((eq != 0) & (tl.cumsum(eq, 0) <= need))
+        sel_t = gt_t | ((eq_t != 0) & (tl.cumsum(eq_t, 0) + tl.sum(eq) <= need))
     sel_i = sel.to(tl.int32)
     pos = tl.cumsum(sel_i, 0) - 1
     tl.store(table_row + pos.to(tl.int64) * stride_ts, offs.to(tl.int32), mask=sel)
+    sel_ti = sel_t.to(tl.int32)
+    pos_t = tl.sum(sel_i) + tl.cumsum(sel_ti, 0) - 1
+    tl.store(table_row + pos_t.to(tl.int64) * stride_ts, offs_t.to(tl.int32), mask=sel_t)
     # A while loop: run-time range bounds do not work in Triton's interpreter (numpy >= 2.4).
     s0 = n // BLOCK_S * BLOCK_S
     while s0 < num_slots:
@@ -162,8 +189,8 @@ def select_blocks_kernel(
     stride_tb, stride_th, stride_ts,
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks, chunks,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr,
-    FUSED: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
+    BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr, FUSED: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
 ):
     """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
 
@@ -199,7 +226,7 @@ def select_blocks_kernel(
         if done == chunks - 1:
             table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
             _topn_row(keys_row, table_row, stride_ts, nsel_ptr + b, hk == 0, nb, num_slots, ppm,
-                      min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX, WAYS)
+                      min_blocks, local_blocks, BLOCK_NB, BLOCK_T, BLOCK_S, RADIX, WAYS)
             tl.atomic_xchg(count_ptr + row, 0)
 
 
@@ -208,7 +235,8 @@ def select_topn_kernel(
     lens_ptr, keys_ptr, table_ptr, nsel_ptr,
     stride_tb, stride_th, stride_ts,
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks,
-    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
+    BS: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    RADIX: tl.constexpr, WAYS: tl.constexpr,
 ):
     """Top-n of one (row, KV head) from the keys `select_blocks_kernel` wrote (two-pass variant)."""
     row = tl.program_id(0)
@@ -218,7 +246,19 @@ def select_topn_kernel(
     nb = (length + BS - 1) // BS
     table_row = table_ptr + b.to(tl.int64) * stride_tb + hk.to(tl.int64) * stride_th
     _topn_row(keys_ptr + row.to(tl.int64) * nbmax, table_row, stride_ts, nsel_ptr + b, hk == 0, nb,
-              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_S, RADIX, WAYS)
+              num_slots, ppm, min_blocks, local_blocks, BLOCK_NB, BLOCK_T, BLOCK_S, RADIX, WAYS)
+
+
+def topn_parts(nbmax: int, topn: str = "bisect") -> tuple[int, int]:
+    """Register parts of a top-n row of nbmax keys: (main, tail), powers of two with main + tail >=
+    nbmax. The bisection splits a row just past a power of two into that power and a small tail;
+    the other variants keep one part (tail 16, always empty)."""
+    whole = triton.next_power_of_2(nbmax)
+    if topn != "bisect" or whole == nbmax or whole < 64:
+        return whole, 16
+    main = whole // 2
+    tail = max(16, triton.next_power_of_2(nbmax - main))
+    return (main, tail) if tail < main else (whole, 16)
 
 
 @dataclass(frozen=True)
@@ -359,8 +399,8 @@ def select_blocks(
         table.fill_(-1)
         nsel.zero_()
         return table, nsel
-    block_nb = triton.next_power_of_2(nbmax)
-    if block_nb > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
+    block_nb, block_t = topn_parts(nbmax, topn)
+    if block_nb + block_t > MAX_TOPN_BLOCKS and method in ("fused", "two_pass"):
         method = "torch"
     ppm = ratio_ppm(active_ratio)
     ways = 1 if topn == "bisect" else 2
@@ -381,7 +421,8 @@ def select_blocks(
         table.stride(0), table.stride(1), table.stride(2),
         HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
         G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
-        BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_S=block_s,
+        BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_T=block_t if fused else 16,
+        BLOCK_S=block_s,
         FUSED=fused, RADIX=topn == "radix", WAYS=ways,
         num_warps=max(topn_warps, sc.num_warps) if fused else sc.num_warps,
     )
@@ -390,7 +431,8 @@ def select_blocks(
             lengths, wkeys, table, nsel,
             table.stride(0), table.stride(1), table.stride(2),
             HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks,
-            BS=block_size, BLOCK_NB=block_nb, BLOCK_S=block_s, RADIX=topn == "radix", WAYS=ways, num_warps=topn_warps,
+            BS=block_size, BLOCK_NB=block_nb, BLOCK_T=block_t, BLOCK_S=block_s, RADIX=topn == "radix", WAYS=ways,
+            num_warps=topn_warps,
         )
     elif method == "torch":
         _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, ppm=ppm,
