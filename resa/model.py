@@ -223,7 +223,14 @@ class Transformer(nn.Module):
         return x
 
     def compile_decode(self) -> None:
-        """Use torch.compile'd layer halves in `decode_static` (fewer, fused kernels per layer)."""
+        """Use torch.compile'd layer halves in `decode_static` and `window_static` (fewer, fused
+        kernels per layer). Each batch size and window width compiles its own version; the
+        recompile limit is raised so that many shapes in one process (a benchmark sweep, several
+        batch buckets) do not silently fall back to eager kernels after the default eight."""
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
         self.decode_fns = (torch.compile(pre_attention, dynamic=False), torch.compile(post_attention, dynamic=False))
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
