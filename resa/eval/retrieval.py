@@ -52,11 +52,12 @@ class RetrievalSettings:
 
 
 def settings_dict(s: RetrievalSettings) -> dict:
-    """The settings that identify a run. `samples` is left out: sample i is the same whatever the
-    count, so a run can be extended with more samples and keeps its finished cells."""
+    """The settings that identify a run. `samples` and `tasks` are left out: sample i of a task is
+    the same whatever the count, and cells are keyed by task, so a run can be extended with more
+    samples or tasks and keeps its finished cells."""
     d = asdict(s)
-    d["tasks"], d["ratios"] = list(s.tasks), list(s.ratios)
-    del d["samples"]
+    d["ratios"] = list(s.ratios)
+    del d["samples"], d["tasks"]
     return d
 
 
@@ -73,6 +74,7 @@ def run(engine, store, s: RetrievalSettings, progress: bool = True) -> None:
 
     n_batches = -(-s.samples // s.batch)
     store.data["meta"]["samples"] = s.samples
+    store.data["meta"]["tasks"] = list(s.tasks)
     if all(store.done(f"{t}/b{bi}") for t in s.tasks for bi in range(n_batches)):
         return
     maker = sample_maker(engine.tokenizer, s)
@@ -124,7 +126,7 @@ def summarize(cells: dict, settings: dict) -> dict:
         task = key.split("/")[0]
         for cond, outs in cell["outputs"].items():
             per_task.setdefault(task, {}).setdefault(cond, []).extend(o["score"] for o in outs)
-    tasks = [t for t in settings.get("tasks", ruler.TASKS) if t in per_task]
+    tasks = [t for t in ruler.TASKS if t in per_task]
     conds = list(next(iter(per_task.values())).keys()) if per_task else []
     out = {"tasks": {}, "average": {}, "conditions": conds}
     for task in tasks:
