@@ -62,7 +62,8 @@ def stratified_bootstrap(groups: Sequence[Sequence[float]], reps: int = 2000,
     if not groups:
         return float("nan"), float("nan"), float("nan")
     mean = float(np.mean([g.mean() for g in groups]))
-    if all(len(g) < 2 for g in groups):
+    if any(len(g) < 2 for g in groups):
+        # A group of one sample has no sampling spread to resample: no honest interval.
         return mean, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     boot = np.zeros(reps)
