@@ -102,15 +102,7 @@ def _lm_sim(args: argparse.Namespace) -> int:
         s = lm_sim.LMSimSettings(length=args.length, xs=args.xs, ratios=args.ratios, sequences=args.sequences,
                                  batch=args.batch, corpora=tuple(args.corpora.split(",")))
     name = f"lm_sim_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else "")
-    engine, store = _open(args, "lm-sim", lm_sim.settings_dict(s), name)
-    lm_sim.run(engine, store, s, progress=not args.no_progress)
-    summary = lm_sim.summarize(store.cells(), store.data["settings"])
-    store.finish(summary)
-    from .report import lm_sim_table
-
-    print(lm_sim_table(summary))
-    print(f"wrote {store.path}")
-    return 0
+    return _execute(args, "lm-sim", lm_sim, s, name, "lm_sim_table")
 
 
 def _drift(args: argparse.Namespace) -> int:
@@ -123,14 +115,19 @@ def _drift(args: argparse.Namespace) -> int:
         s = drift.DriftSettings(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prompts=args.prompts,
                                 ratio=args.ratio, rectify_every=args.rectify_every,
                                 modes=tuple(args.modes.split(",")), corpora=tuple(args.corpora.split(",")))
-    name = f"drift_P{s.prompt_tokens}_G{s.new_tokens}" + ("_quick" if args.quick else "")
-    engine, store = _open(args, "drift", drift.settings_dict(s), name)
-    drift.run(engine, store, s, progress=not args.no_progress)
-    summary = drift.summarize(store.cells(), store.data["settings"])
-    store.finish(summary)
-    from .report import drift_table
+    name = f"drift_P{s.prompt_tokens}_G{s.new_tokens}{_model_tag(args)}" + ("_quick" if args.quick else "")
+    return _execute(args, "drift", drift, s, name, "drift_table")
 
-    print(drift_table(summary))
+
+def _execute(args: argparse.Namespace, task: str, module, settings, name: str, table: str) -> int:
+    """Open (or resume) the run file, run the task's missing cells, summarise, print its table."""
+    from . import report
+
+    engine, store = _open(args, task, module.settings_dict(settings), name)
+    module.run(engine, store, settings, progress=not args.no_progress)
+    summary = module.summarize(store.cells(), store.data["settings"])
+    store.finish(summary)
+    print(getattr(report, table)(summary))
     print(f"wrote {store.path}")
     return 0
 
@@ -153,15 +150,7 @@ def _retrieval(args: argparse.Namespace) -> int:
                                         samples=args.samples, batch=args.batch, ratios=args.ratios,
                                         rectify_every=args.rectify_every, chat=not args.no_chat, seed=args.seed)
     name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else "")
-    engine, store = _open(args, "retrieval", retrieval.settings_dict(s), name)
-    retrieval.run(engine, store, s, progress=not args.no_progress)
-    summary = retrieval.summarize(store.cells(), store.data["settings"])
-    store.finish(summary)
-    from .report import retrieval_table
-
-    print(retrieval_table(summary))
-    print(f"wrote {store.path}")
-    return 0
+    return _execute(args, "retrieval", retrieval, s, name, "retrieval_table")
 
 
 def _gsm8k(args: argparse.Namespace) -> int:
@@ -173,15 +162,7 @@ def _gsm8k(args: argparse.Namespace) -> int:
         s = gsm8k.GSM8KSettings(items=args.items, shots=args.shots, batch=args.batch, max_new=args.max_new,
                                 ratios=args.ratios, rectify_every=args.rectify_every)
     name = f"gsm8k{_model_tag(args)}" + ("_quick" if args.quick else "")
-    engine, store = _open(args, "gsm8k", gsm8k.settings_dict(s), name)
-    gsm8k.run(engine, store, s, progress=not args.no_progress)
-    summary = gsm8k.summarize(store.cells(), store.data["settings"])
-    store.finish(summary)
-    from .report import gsm8k_table
-
-    print(gsm8k_table(summary))
-    print(f"wrote {store.path}")
-    return 0
+    return _execute(args, "gsm8k", gsm8k, s, name, "gsm8k_table")
 
 
 def _report(args: argparse.Namespace) -> int:
