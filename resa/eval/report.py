@@ -140,12 +140,28 @@ def write_report(out: Path) -> Path:
     return path
 
 
-def _plot_lm_sim(out: Path, d: dict) -> str | None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, out: Path, d: dict) -> str:
+    """Write the figure next to its run file (same stem, .png); returns the file name."""
+    name = d["_file"].replace(".json", ".png")
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _plot_lm_sim(out: Path, d: dict) -> str | None:
+    plt = _pyplot()
+    if plt is None:
         return None
     summ = d["summary"]
     L = d["settings"]["length"]
@@ -169,18 +185,12 @@ def _plot_lm_sim(out: Path, d: dict) -> str | None:
     ax.set_title(f"LM simulation, {d['meta']['model']}, L={L}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    name = d["_file"].replace(".json", ".png")
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return _save(plt, fig, out, d)
 
 
 def _plot_drift(out: Path, d: dict) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     summ = d["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -196,19 +206,13 @@ def _plot_drift(out: Path, d: dict) -> str | None:
         ax.legend(fontsize=7)
     fig.suptitle(f"Drift in greedy generation, {d['meta']['model']}")
     fig.tight_layout()
-    name = d["_file"].replace(".json", ".png")
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return _save(plt, fig, out, d)
 
 
 def _plot_bars(out: Path, d: dict, task: str) -> str | None:
     """Accuracy per condition (bars with 95% intervals), grouped by retrieval task, or one group."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     summ = d["summary"]
     if task == "retrieval":
@@ -235,7 +239,4 @@ def _plot_bars(out: Path, d: dict, task: str) -> str | None:
     ax.set_title(f"{title}, {d['meta']['model']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    name = d["_file"].replace(".json", ".png")
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return _save(plt, fig, out, d)
