@@ -3,7 +3,7 @@
 The prompt is prefilled densely in every mode (DESIGN.md 1.3), so a task prefills once and decodes
 the answer once per condition from a copy of that cache: only the decode steps differ between
 dense and ReSA. Decoding follows the engine's rectification schedule (`resa.rectify.feed_token`)
-through `Engine.step` / `Engine.dense_window`, the same calls `Engine.generate_ids` makes.
+through the engine's `CacheRunner`, the runner `Engine.generate_ids` uses.
 """
 
 from __future__ import annotations
@@ -15,20 +15,17 @@ import torch
 
 from ..cache import KVCache
 from ..config import ResaConfig
+from ..engine import CacheRunner
 from ..rectify import feed_token
 
 
-class _CacheSteps:
-    """`resa.rectify.Runner` over one cache (eager CPU steps, no CUDA graphs)."""
-
-    def __init__(self, engine, cache: KVCache) -> None:
-        self.engine, self.cache = engine, cache
-
-    def step(self, tokens: torch.Tensor, resa: ResaConfig | None) -> torch.Tensor:
-        return self.engine.step(self.cache, tokens, resa)
-
-    def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
-        return self.engine.dense_window(self.cache, tokens, overwrite)
+def answer_conditions(s) -> list[tuple[str, ResaConfig]]:
+    """("dense", config) then ("resa/r<ratio>", config) for each of s.ratios, from the ReSA fields of
+    a task's settings (block_size, min_blocks, local_blocks, rectify_every, prefill_chunk)."""
+    base = dict(block_size=s.block_size, min_blocks=s.min_blocks, local_blocks=s.local_blocks,
+                rectify_every=s.rectify_every, prefill_chunk=s.prefill_chunk)
+    return [("dense", ResaConfig(mode="dense", **base))] + \
+        [(f"resa/r{r}", ResaConfig(mode="resa", active_ratio=r, **base)) for r in s.ratios]
 
 
 def clone_cache(cache: KVCache) -> KVCache:
@@ -50,7 +47,7 @@ def greedy_from_cache(engine, cache: KVCache, logits: torch.Tensor, resa: ResaCo
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stop = set(eos)
-    runner = _CacheSteps(engine, cache)
+    runner = CacheRunner(engine, cache)
     for t in range(max_new):
         token = logits.argmax(-1)
         history[:, t] = token

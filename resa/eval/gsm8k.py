@@ -24,7 +24,7 @@ import torch
 
 from ..config import ResaConfig
 from .data import builtin_gsm8k, gsm8k_items
-from .decode import clone_cache, eos_ids, greedy_from_cache, stack_rows
+from .decode import answer_conditions, clone_cache, eos_ids, greedy_from_cache, stack_rows
 from .stats import bootstrap_mean, wilson
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -47,10 +47,7 @@ class GSM8KSettings:
     prefill_chunk: int = 1024
 
     def conditions(self) -> list[tuple[str, ResaConfig]]:
-        base = dict(block_size=self.block_size, min_blocks=self.min_blocks, local_blocks=self.local_blocks,
-                    rectify_every=self.rectify_every, prefill_chunk=self.prefill_chunk)
-        return [("dense", ResaConfig(mode="dense", **base))] + \
-            [(f"resa/r{r}", ResaConfig(mode="resa", active_ratio=r, **base)) for r in self.ratios]
+        return answer_conditions(self)
 
 
 def settings_dict(s: GSM8KSettings) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from ..config import ResaConfig
 from . import ruler
 from .data import documents
-from .decode import clone_cache, eos_ids, greedy_from_cache
+from .decode import answer_conditions, clone_cache, eos_ids, greedy_from_cache
 from .stats import bootstrap_mean, cluster_bootstrap, stratified_bootstrap, wilson
 
 
@@ -45,10 +45,7 @@ class RetrievalSettings:
             raise ValueError(f"unknown retrieval tasks {bad}; choose from {', '.join(ruler.TASKS)}")
 
     def conditions(self) -> list[tuple[str, ResaConfig]]:
-        base = dict(block_size=self.block_size, min_blocks=self.min_blocks, local_blocks=self.local_blocks,
-                    rectify_every=self.rectify_every, prefill_chunk=self.prefill_chunk)
-        return [("dense", ResaConfig(mode="dense", **base))] + \
-            [(f"resa/r{r}", ResaConfig(mode="resa", active_ratio=r, **base)) for r in self.ratios]
+        return answer_conditions(self)
 
 
 def settings_dict(s: RetrievalSettings) -> dict:
