@@ -47,36 +47,34 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
 
     q: [B, H, T, D] (query t of row b at position span.start[b] + t); k, v: [B, HKV, Nmax, D] with
     the span already written. Query t of row b sees keys j <= start[b] + t, j < span.end[b].
-    Returns [B, H, T, D] in q's dtype. Only slots < span.end[b] are read.
+    Returns [B, H, T, D] in q's dtype (zeros at ignored columns t >= n_valid[b]). Only slots
+    < span.end[b] are read.
     """
-    B, H, T, D = q.shape
-    HKV = k.shape[1]
-    G = H // HKV
-    ends = span.end
-    n_keys = max(ends)
-    kk, vv = k[:, :, :n_keys], v[:, :, :n_keys]
+    T = q.shape[2]
     if len(set(span.start)) == 1 and all(n == T for n in span.n_valid):
-        # Imported here: torch.nn.attention.bias imports triton, which must not happen before a
-        # caller has chosen Triton's interpreter (TRITON_INTERPRET is read at kernel definition).
-        from torch.nn.attention.bias import causal_lower_right
+        # Rows aligned (prefill of equal prompts, rectification of a batch): one call.
+        return _causal_sdpa(q, k[:, :, :span.end[0]], v[:, :, :span.end[0]])
+    # Ragged rows: one call per row over exactly its valid queries and keys, so slots past a row's
+    # end are never read (no masked copy of the cache). Ignored query columns get zeros.
+    out = torch.zeros_like(q)
+    for b, (n, end) in enumerate(zip(span.n_valid, span.end)):
+        if n:
+            out[b:b + 1, :, :n] = _causal_sdpa(q[b:b + 1, :, :n], k[b:b + 1, :, :end], v[b:b + 1, :, :end])
+    return out
 
-        # Rows aligned (prefill of equal prompts, rectification of a batch): a bottom-right causal
-        # bias keeps SDPA on its fused kernels; an explicit mask would force a much slower path.
-        return F.scaled_dot_product_attention(
-            q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=causal_lower_right(T, n_keys), enable_gqa=G > 1
-        )
-    if min(ends) < n_keys:
-        # Ragged rows: slots past a row's end may hold anything; they must not reach the output.
-        key_ok = (torch.arange(n_keys, device=q.device)[None, :] < span.end_t[:, None])[:, None, :, None]
-        kk = torch.where(key_ok, kk, torch.zeros((), dtype=kk.dtype, device=kk.device))
-        vv = torch.where(key_ok, vv, torch.zeros((), dtype=vv.dtype, device=vv.device))
-    # Fold the G query heads of a group into the query axis: K/V stay unexpanded [B, HKV, N, D].
-    qf = q.reshape(B, HKV, G * T, D)
-    pos_q = (span.start_t[:, None] + torch.arange(T, device=q.device)[None, :]).repeat(1, G)
-    pos_j = torch.arange(n_keys, device=q.device)
-    allowed = (pos_j[None, None, :] <= pos_q[:, :, None]) & (pos_j[None, None, :] < span.end_t[:, None, None])
-    out = F.scaled_dot_product_attention(qf, kk.to(q.dtype), vv.to(q.dtype), attn_mask=allowed[:, None])
-    return out.reshape(B, H, T, D)
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of T queries that are the last T positions of the N keys (bottom-right causal).
+    q: [B, H, T, D]; k, v: [B, HKV, N, D]."""
+    # Imported here: torch.nn.attention.bias imports triton, which must not happen before a
+    # caller has chosen Triton's interpreter (TRITON_INTERPRET is read at kernel definition).
+    from torch.nn.attention.bias import causal_lower_right
+
+    # A bottom-right causal bias keeps SDPA on its fused kernels; an explicit mask would force a
+    # much slower path.
+    T, N = q.shape[2], k.shape[2]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=causal_lower_right(T, N),
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
