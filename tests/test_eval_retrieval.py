@@ -98,6 +98,10 @@ def test_gsm8k_answer_parsing():
     assert gsm8k.extract("She pays $1,200 in total. The answer is $1,200.") == "1200"
     assert gsm8k.extract("It is 3 then 4 then 12") == "12"
     assert gsm8k.extract("no idea") is None
+    assert gsm8k.extract("It shrinks by \\(\\boxed{8}\\) cm from 1:00 PM to 5:00 PM.") == "8"
+    assert gsm8k.extract("From 1:00 PM to 5:00 PM") == "5"  # not "00"
+    assert gsm8k.extract("The answer is 3. Check: \\boxed{\\$1,250.5}") == "1250.5"  # the last final marker
+    assert gsm8k.extract("so -4 degrees. The answer is -4.") == "-4"
     assert gsm8k.same_number("18.0", "18") and not gsm8k.same_number("17", "18")
     w = gsm8k.worked("Janet sells 16 - 3 = <<16-3=13>>13 eggs.\n#### 13")
     assert "<<" not in w and w.endswith("The answer is 13.")

@@ -8,10 +8,9 @@ block and ReSA is dense by construction.
 
 The few-shot prefix is the same for every item, so it is prefilled once; each item's question is
 then appended densely to a copy of it, and a batch of items is decoded together from the stacked
-rows, once per condition. Rows of a batch must have equal lengths (the engine's ragged-batch decode
-path is an order of magnitude slower on CPU), so items are batched in order of question length and
-the shorter questions of a batch are preceded by a few newline tokens (the same input in every
-condition). Score: the final number of the answer equals the reference (exact).
+rows, once per condition. Rows keep their own lengths (a ragged batch: no padding tokens enter the
+prompt). Items are batched in order of question length. Score: the final number of the answer
+equals the reference (exact).
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from .data import builtin_gsm8k, gsm8k_items
 from .decode import answer_conditions, clone_cache, eos_ids, greedy_from_cache, stack_rows
 from .stats import bootstrap_mean, wilson
 
-_NUMBER = r"-?[\d,]*\.?\d+"
+# A number not glued to a preceding digit, "." or ":" (so "5:00" yields 5, not 00).
+_NUMBER = r"(?<![\d.:])-?\d[\d,]*(?:\.\d+)?"
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,11 @@ def worked(answer: str) -> str:
 
 
 def extract(text: str) -> str | None:
-    """The model's final number: after the last 'answer is', else the last number in the text.
-    Text after a new "Question:" (the model inventing the next example) is ignored."""
+    """The model's final number: the last "answer is N" or \\boxed{N}, else the last number in the
+    text. Text after a new "Question:" (the model inventing the next example) is ignored."""
     text = text.split("Question:")[0]
-    hits = re.findall(r"answer is[^\d\-]{0,20}(" + _NUMBER + ")", text, flags=re.IGNORECASE)
-    if not hits:
-        hits = re.findall(_NUMBER, text)
+    final = r"(?:answer is[^\d\-]{0,20}|\\boxed\{[^\d\-}]{0,8})(" + _NUMBER + ")"
+    hits = re.findall(final, text, flags=re.IGNORECASE) or re.findall(_NUMBER, text)
     if not hits:
         return None
     return hits[-1].replace(",", "").rstrip(".")
@@ -123,9 +122,6 @@ def run(engine, store, s: GSM8KSettings, progress: bool = True) -> None:
     eos = eos_ids(engine)
     conds = s.conditions()
     batches = equal_length_batches([len(x) for x in suffixes], s.batch)
-    newline = engine.tokenizer.encode("\n", add_bos=False)
-    if len(newline) != 1:
-        raise ValueError("the tokenizer does not encode a newline as one token")
     bar = tqdm(total=len(items), desc="gsm8k", unit="item", disable=not progress)
     base = None
     for bi, idx in enumerate(batches):
@@ -139,12 +135,10 @@ def run(engine, store, s: GSM8KSettings, progress: bool = True) -> None:
             longest = len(prefix) + max(len(x) for x in suffixes) + s.max_new
             base = engine.new_cache(1, longest, s.block_size)
             engine.prefill(base, [prefix], s.prefill_chunk)
-        width = max(len(suffixes[i]) for i in idx)
         rows, first = [], []
         for i in idx:
             row = clone_cache(base)
-            padded = newline * (width - len(suffixes[i])) + suffixes[i]
-            first.append(engine.dense_window(row, _ids(padded), overwrite=0))
+            first.append(engine.dense_window(row, _ids(suffixes[i]), overwrite=0))
             rows.append(row)
         cache = stack_rows(engine, rows, capacity)
         del rows
@@ -164,7 +158,7 @@ def run(engine, store, s: GSM8KSettings, progress: bool = True) -> None:
             seconds[name] = round(time.perf_counter() - t1, 2)
             del work
         rows_meta = [{"item": s.shots + i, "ref": reference(items[i]["answer"]),
-                      "prompt_tokens": len(prefix) + width, "pad": width - len(suffixes[i])} for i in idx]
+                      "prompt_tokens": len(prefix) + len(suffixes[i])} for i in idx]
         store.put(key, {"rows": rows_meta, "outputs": outputs, "decode_seconds": seconds},
                   time.perf_counter() - t0)
         bar.update(len(idx))
@@ -172,8 +166,8 @@ def run(engine, store, s: GSM8KSettings, progress: bool = True) -> None:
 
 
 def equal_length_batches(lengths: list[int], batch: int) -> list[list[int]]:
-    """Indices in batches of up to `batch`, in order of length (ties by index), so the padding
-    that evens out a batch stays small."""
+    """Indices in batches of up to `batch`, in order of length (ties by index), so the rows of a
+    batch end close together."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
