@@ -58,8 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--tasks", default="single,multikey,multivalue,vt,cwe")
     rt.add_argument("--samples", type=int, default=20, help="samples per task")
     rt.add_argument("--batch", type=int, default=1,
-                    help="samples prefilled and decoded together (default 1: samples differ in length, and "
-                         "ragged batches decode far slower on CPU)")
+                    help="samples prefilled and decoded together (default 1; rows keep their own lengths)")
     rt.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="ReSA active ratios")
     rt.add_argument("--rectify-every", type=int, default=32)
     rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
