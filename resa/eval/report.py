@@ -91,6 +91,18 @@ def gsm8k_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def selection_table(summary: dict) -> str:
+    """Per block-selection variant: attention mass kept over all layers and KV groups, and needle
+    attention kept in the groups that attend to the needle (95% intervals over samples)."""
+    lines = [f"{summary['samples']} samples, {summary['retrieval_groups']} (step, layer, KV group) cells attend "
+             "to the needle", "",
+             "| selection | attention mass kept % | needle attention kept % | needle groups keeping >= 90% % |",
+             "|---|---|---|---|"]
+    for v, r in summary["variants"].items():
+        lines.append(f"| {v} | {fmt_ci(*r['mass_kept'])} | {fmt_ci(*r['needle_kept'])} | {fmt_ci(*r['needle_kept_90'])} |")
+    return "\n".join(lines)
+
+
 def _load_runs(out: Path) -> list[dict]:
     runs = []
     for f in sorted(out.glob("*.json")):
@@ -130,6 +142,9 @@ def write_report(out: Path) -> Path:
         elif d["task"] == "gsm8k":
             parts.append(gsm8k_table(d["summary"]))
             png = _plot_bars(out, d, "gsm8k")
+        elif d["task"] == "selection":
+            parts.append(selection_table(d["summary"]))
+            png = None
         else:
             png = None
         if png:
