@@ -25,6 +25,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _blocks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    p.add_argument("--min-blocks", type=int, default=16, help="fewest blocks a sparse step keeps (default 16)")
+
+
+def _block_tag(s) -> str:
+    """'' for the default block settings, else '_bs<size>_mb<min>' (such runs get their own file)."""
+    return "" if (s.block_size, s.min_blocks) == (16, 16) else f"_bs{s.block_size}_mb{s.min_blocks}"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its tasks to the top-level parser."""
     p = sub.add_parser("eval", help="quality of ReSA against dense on real models and text")
@@ -63,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--rectify-every", type=int, default=32)
     rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     rt.add_argument("--seed", type=int, default=0)
+    _blocks(rt)
     rt.set_defaults(func=_retrieval)
 
     gs = tasks.add_parser("gsm8k", help="few-shot chain-of-thought GSM8K: dense vs ReSA, exact match")
@@ -84,6 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--ratio", type=float, default=0.1, help="active ratio (the budget of every variant)")
     se.add_argument("--steps", type=int, default=4, help="dense answer steps analysed per sample")
     se.add_argument("--seed", type=int, default=0)
+    _blocks(se)
     se.set_defaults(func=_selection)
 
     rep = tasks.add_parser("report", help="markdown report and plots from the results folder")
@@ -158,8 +170,9 @@ def _retrieval(args: argparse.Namespace) -> int:
     else:
         s = retrieval.RetrievalSettings(length=args.length, tasks=tuple(args.tasks.split(",")),
                                         samples=args.samples, batch=args.batch, ratios=args.ratios,
-                                        rectify_every=args.rectify_every, chat=not args.no_chat, seed=args.seed)
-    name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else "")
+                                        rectify_every=args.rectify_every, chat=not args.no_chat, seed=args.seed,
+                                        block_size=args.block_size, min_blocks=args.min_blocks)
+    name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else _block_tag(s))
     return _execute(args, "retrieval", retrieval, s, name, "retrieval_table")
 
 
@@ -182,8 +195,9 @@ def _selection(args: argparse.Namespace) -> int:
         s = selection.SelectionSettings(length=384, samples=1, steps=2, haystack="sample", words="code", min_blocks=4)
     else:
         s = selection.SelectionSettings(length=args.length, tasks=tuple(args.tasks.split(",")), samples=args.samples,
-                                        ratio=args.ratio, steps=args.steps, seed=args.seed)
-    name = f"selection_L{s.length}_r{s.ratio}{_model_tag(args)}" + ("_quick" if args.quick else "")
+                                        ratio=args.ratio, steps=args.steps, seed=args.seed,
+                                        block_size=args.block_size, min_blocks=args.min_blocks)
+    name = f"selection_L{s.length}_r{s.ratio}{_model_tag(args)}" + ("_quick" if args.quick else _block_tag(s))
     return _execute(args, "selection", selection, s, name, "selection_table")
 
 
