@@ -122,8 +122,8 @@ def plan_sparse(
     included). The table has num_slots(NBmax) columns.
     """
     slots = num_slots(kmin.shape[2], resa)
-    kwargs = dict(block_size=resa.block_size, active_ratio=resa.active_ratio,
-                  min_blocks=resa.min_blocks, local_blocks=resa.local_blocks, num_slots=slots)
+    kwargs = dict(block_size=resa.block_size, active_ratio=resa.active_ratio, min_blocks=resa.min_blocks,
+                  local_blocks=resa.local_blocks, num_slots=slots, group_pool=resa.group_pool)
     if backend == "triton":
         from .kernels import select_blocks
 

@@ -33,6 +33,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rectify-variant", choices=("paper", "fused"), default="paper",
                    help="paper: separate dense pass; fused: the dense pass also feeds the newest token")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk")
+    p.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+                   help="block score of a KV group: mean = the bound of the heads' mean query (the paper's), "
+                        "max = the largest of the heads' own bounds")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -80,7 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
             mode=args.mode, block_size=args.block_size, active_ratio=args.active_ratio,
             min_blocks=args.min_blocks, local_blocks=args.local_blocks,
             rectify_every=args.rectify_every, rectify_variant=args.rectify_variant,
-            prefill_chunk=args.prefill_chunk,
+            prefill_chunk=args.prefill_chunk, group_pool=args.group_pool,
         )
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         prompts = _read_prompts(args)

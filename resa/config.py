@@ -10,6 +10,7 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MODES = ("dense", "sparse", "resa")
 RECTIFY_VARIANTS = ("paper", "fused")
+GROUP_POOLS = ("mean", "max")
 
 
 class ConfigError(ValueError):
@@ -170,6 +171,10 @@ class ResaConfig:
     rectify_variant: "paper" (separate dense pass over the last f tokens) or "fused" (the dense
         pass over the f-1 sparse-made tokens also feeds the newest token and gives the next logits).
     prefill_chunk: tokens per dense prefill chunk.
+    group_pool: how a KV group's G query heads score a block: "mean" (the paper's: the min/max
+        bound of the group's mean query) or "max" (each head's own bound, the largest over the
+        group: a block one head needs is not averaged away by its group mates; G times the
+        scoring arithmetic, same bytes read).
     """
 
     mode: str = "resa"
@@ -180,6 +185,7 @@ class ResaConfig:
     rectify_every: int = 32
     rectify_variant: str = "paper"
     prefill_chunk: int = 1024
+    group_pool: str = "mean"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -188,6 +194,8 @@ class ResaConfig:
             raise ConfigError(
                 f"rectify_variant must be one of {', '.join(RECTIFY_VARIANTS)}, got {self.rectify_variant!r}"
             )
+        if self.group_pool not in GROUP_POOLS:
+            raise ConfigError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got {self.group_pool!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
         if not (isinstance(self.active_ratio, (int, float)) and self.active_ratio > 0

@@ -37,6 +37,17 @@ def test_sparsity_changes_the_output(engine, dense):
     assert sparse.stats.kv_read_fraction < 0.6
 
 
+def test_group_pool_max_reaches_the_selection(engine, dense):
+    """group_pool="max" decodes through the same engine and selects other blocks than "mean"
+    (the tiny model has G = 2 query heads per KV head); an unknown pool is a config error."""
+    mean = _gen(engine, mode="sparse")
+    pooled = _gen(engine, mode="sparse", group_pool="max")
+    assert pooled.token_ids != mean.token_ids
+    assert pooled.stats.kv_read_fraction == pytest.approx(mean.stats.kv_read_fraction)  # same budgets
+    with pytest.raises(ValueError, match="group_pool must be one of mean, max"):
+        ResaConfig(group_pool="median")
+
+
 @pytest.mark.parametrize("mode", ["sparse", "resa"])
 def test_active_ratio_one_is_dense(engine, dense, mode):
     assert _gen(engine, mode=mode, active_ratio=1.0).token_ids == dense.token_ids

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from resa.kernels import SelectionWorkspace, select_blocks  # noqa: E402
-from resa.ref import block_budget, block_summaries_ref, group_query, score_blocks_ref, select_blocks_ref  # noqa: E402
+from resa.ref import block_budget, block_scores_ref, block_summaries_ref, select_blocks_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16
@@ -37,14 +37,14 @@ def make_inputs(lengths, hkv, g, d, dtype, seed=0, nbmax=None):
     return q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), lens.to(DEVICE)
 
 
-def assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local_blocks):
+def assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local_blocks, group_pool="mean"):
     """Same budgets; same block sets, except that blocks whose scores tie the threshold within
     fp32 rounding (summation order differs) may be swapped."""
     assert torch.equal(nsel.cpu(), ref_nsel.cpu())
     table, ref_table = table.cpu(), ref_table.cpu()
     B, HKV, S = ref_table.shape
     assert table.shape == ref_table.shape
-    scores = score_blocks_ref(group_query(q.cpu(), HKV), kmin.cpu(), kmax.cpu())
+    scores = block_scores_ref(q.cpu(), kmin.cpu(), kmax.cpu(), group_pool)
     for b in range(B):
         n = int(ref_nsel[b])
         nb = -(-int(lens[b]) // BS)
@@ -104,6 +104,18 @@ def test_select_blocks(lengths, hkv, g, d, ratio, min_blocks, local, method, top
                                                 min_blocks=min_blocks, local_blocks=local, num_slots=slots)
         assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local)
         assert int(ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("method", ["fused", "two_pass", "torch"])
+@pytest.mark.parametrize("lengths,hkv,g,d", [([1000, 17, 255, 1, 0], 2, 7, 64), ([1100], 1, 9, 128), ([500], 2, 1, 64)],
+                         ids=["ragged-G7-D64", "two-part-G9-D128", "G1"])
+def test_select_blocks_group_pool_max(lengths, hkv, g, d, method):
+    q, kmin, kmax, lens = make_inputs(lengths, hkv, g, d, torch.bfloat16, seed=3)
+    kw = dict(block_size=BS, active_ratio=0.1, min_blocks=3, local_blocks=1,
+              num_slots=block_budget(kmin.shape[2], 0.1, 3), group_pool="max")
+    table, nsel = select_blocks(q, kmin, kmax, lens, method=method, topn="bisect", **kw)
+    ref_table, ref_nsel = select_blocks_ref(q, kmin, kmax, lens, **kw)
+    assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, 1, "max")
 
 
 def test_select_blocks_fp16_and_padded_summaries():

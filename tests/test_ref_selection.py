@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from resa.ref import block_budget, block_summaries_ref, group_query, score_blocks_ref, select_blocks_ref
+from resa.ref import (block_budget, block_scores_ref, block_summaries_ref, group_query, score_blocks_ref,
+                      select_blocks_ref)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,23 @@ def test_scores_bound_every_key_in_block():
     exact = torch.einsum("bhd,bhnd->bhn", qg, k).view(B, HKV, N // BS, BS).amax(-1)
     assert (s >= exact - 1e-5).all()
     assert torch.equal(qg, q.view(B, HKV, G, D).mean(2))
+
+
+def test_max_pool_bounds_every_head_and_is_the_largest_head_bound():
+    torch.manual_seed(1)
+    B, HKV, G, N, D, BS = 2, 3, 4, 64, 16, 8
+    q = torch.randn(B, HKV * G, D)
+    k = torch.randn(B, HKV, N, D)
+    kmin, kmax = block_summaries_ref(k, torch.tensor([N, N]), BS)
+    s = block_scores_ref(q, kmin, kmax, "max")
+    heads = q.view(B, HKV, G, D)
+    exact = torch.einsum("bhgd,bhnd->bhgn", heads, k).view(B, HKV, G, N // BS, BS).amax(-1)  # per head, per block
+    assert (s >= exact.amax(2) - 1e-5).all()
+    per_head = [score_blocks_ref(heads[:, :, g], kmin, kmax) for g in range(G)]
+    torch.testing.assert_close(s, torch.stack(per_head).amax(0))
+    assert not torch.allclose(s, block_scores_ref(q, kmin, kmax, "mean"))
+    with pytest.raises(ValueError, match="group_pool"):
+        block_scores_ref(q, kmin, kmax, "median")
 
 
 def _random_case(lengths, HKV=2, G=3, D=8, BS=4, nmax=None, seed=0):

@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--rectify-every", type=int, default=32)
     rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+                    help="ReSA block score of a KV group: mean query bound (the paper's) or max of the heads' bounds")
     _blocks(rt)
     rt.set_defaults(func=_retrieval)
 
@@ -171,8 +173,10 @@ def _retrieval(args: argparse.Namespace) -> int:
         s = retrieval.RetrievalSettings(length=args.length, tasks=tuple(args.tasks.split(",")),
                                         samples=args.samples, batch=args.batch, ratios=args.ratios,
                                         rectify_every=args.rectify_every, chat=not args.no_chat, seed=args.seed,
-                                        block_size=args.block_size, min_blocks=args.min_blocks)
-    name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else _block_tag(s))
+                                        block_size=args.block_size, min_blocks=args.min_blocks,
+                                        group_pool=args.group_pool)
+    tag = _block_tag(s) + ("" if s.group_pool == "mean" else f"_pool-{s.group_pool}")
+    name = f"retrieval_L{s.length}{_model_tag(args)}" + ("_quick" if args.quick else tag)
     return _execute(args, "retrieval", retrieval, s, name, "retrieval_table")
 
 

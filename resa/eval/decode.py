@@ -21,9 +21,11 @@ from ..rectify import feed_token
 
 def answer_conditions(s) -> list[tuple[str, ResaConfig]]:
     """("dense", config) then ("resa/r<ratio>", config) for each of s.ratios, from the ReSA fields of
-    a task's settings (block_size, min_blocks, local_blocks, rectify_every, prefill_chunk)."""
+    a task's settings (block_size, min_blocks, local_blocks, rectify_every, prefill_chunk, and
+    group_pool where the task has it)."""
     base = dict(block_size=s.block_size, min_blocks=s.min_blocks, local_blocks=s.local_blocks,
-                rectify_every=s.rectify_every, prefill_chunk=s.prefill_chunk)
+                rectify_every=s.rectify_every, prefill_chunk=s.prefill_chunk,
+                group_pool=getattr(s, "group_pool", "mean"))
     return [("dense", ResaConfig(mode="dense", **base))] + \
         [(f"resa/r{r}", ResaConfig(mode="resa", active_ratio=r, **base)) for r in s.ratios]
 

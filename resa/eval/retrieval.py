@@ -38,6 +38,7 @@ class RetrievalSettings:
     rectify_every: int = 32
     prefill_chunk: int = 1024
     seed: int = 0
+    group_pool: str = "mean"
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in ruler.TASKS]
@@ -55,6 +56,8 @@ def settings_dict(s: RetrievalSettings) -> dict:
     d = asdict(s)
     d["ratios"] = list(s.ratios)
     del d["samples"], d["tasks"]
+    if s.group_pool == "mean":  # the default stays out, so runs recorded before the option resume
+        del d["group_pool"]
     return d
 
 

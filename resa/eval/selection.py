@@ -7,7 +7,8 @@ the step's real post-RoPE queries and cache give:
   group's mass is the mean over its G heads;
 - the blocks three selections keep with the same budget and the same forced local block:
   "spec" (`select_blocks_ref`: Quest-style min/max bound with the group's mean query, DESIGN.md
-  1.2), "head-max" (the bound of each query head separately, maxed over the group) and "oracle"
+  1.2), "head-max" (the bound of each query head separately, maxed over the group: the engine's
+  `group_pool="max"`) and "oracle"
   (the blocks of largest true group mass: the best any block choice of that budget can do);
 - mass kept: the share of the group's attention inside the kept blocks;
 - needle: each head's attention on the needle's value tokens, and the share of the group's needle
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import attention as attn
-from ..ref.selection import block_budget, score_blocks_ref, select_blocks_ref
+from ..ref.selection import block_budget, block_scores_ref, select_blocks_ref
 from . import ruler
 from .decode import eos_ids
 from .retrieval import RetrievalSettings, sample_maker
@@ -137,10 +138,9 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: tor
                                  local_blocks=s.local_blocks)
     spec = torch.zeros(HKV, nb, dtype=torch.bool)
     spec.scatter_(1, table[0, :, :n].long(), True)
-    head_bound = score_blocks_ref(q[None].float(), kmin[None, :, :nb].repeat_interleave(G, 1),
-                                  kmax[None, :, :nb].repeat_interleave(G, 1))[0]   # [H, NB]
     masks = {"spec": spec,
-             "head-max": keep_top(head_bound.view(HKV, G, nb).amax(1), n, s.local_blocks),
+             "head-max": keep_top(block_scores_ref(q[None], kmin[None, :, :nb], kmax[None, :, :nb], "max")[0], n,
+                                  s.local_blocks),
              "oracle": keep_top(group_mass, n, s.local_blocks)}
     on_needle = torch.zeros(n_keys, dtype=torch.bool)
     on_needle[needle] = True

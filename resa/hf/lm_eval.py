@@ -31,7 +31,8 @@ MODEL_NAME = "resa"
 def _resa_config(**settings: Any) -> ResaConfig:
     """ResaConfig from model_args values, which lm-eval may hand over as strings."""
     casts = {"block_size": int, "min_blocks": int, "local_blocks": int, "rectify_every": int,
-             "prefill_chunk": int, "active_ratio": float, "mode": str, "rectify_variant": str}
+             "prefill_chunk": int, "active_ratio": float, "mode": str, "rectify_variant": str,
+             "group_pool": str}
     return ResaConfig(**{k: casts[k](v) for k, v in settings.items() if v is not None})
 
 
@@ -41,7 +42,7 @@ class ResaLM(HFLM):
     Takes every HFLM argument (pretrained=hub id, local folder or a loaded model, dtype,
     batch_size, device, gguf_file, ...) plus the ReSA settings of `resa.ResaConfig`: mode,
     block_size, active_ratio, min_blocks, local_blocks, rectify_every, rectify_variant,
-    prefill_chunk (unset ones keep ResaConfig's defaults), and attention_backend
+    prefill_chunk, group_pool (unset ones keep ResaConfig's defaults), and attention_backend
     ("auto", "torch", "triton"). The model must be a Llama/Mistral/Qwen2/Qwen3 causal LM.
     """
 
@@ -56,13 +57,14 @@ class ResaLM(HFLM):
         rectify_every: int | None = None,
         rectify_variant: str | None = None,
         prefill_chunk: int | None = None,
+        group_pool: str | None = None,
         attention_backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         resa = _resa_config(mode=mode, block_size=block_size, active_ratio=active_ratio,
                             min_blocks=min_blocks, local_blocks=local_blocks,
                             rectify_every=rectify_every, rectify_variant=rectify_variant,
-                            prefill_chunk=prefill_chunk)
+                            prefill_chunk=prefill_chunk, group_pool=group_pool)
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError("the resa lm-eval model needs a decoder-only causal LM")

@@ -1,7 +1,8 @@
 """Block selection (the GBSA plan, DESIGN.md 1.2 steps 2-6) as Triton kernels, without host sync.
 
 Layout of the work:
-- `select_blocks_kernel`, grid (B * HKV, chunks): pools the G queries of a group, scores a chunk of
+- `select_blocks_kernel`, grid (B * HKV, chunks): pools the G queries of a group (their mean, or
+  with POOL_MAX the largest of the heads' own bounds), scores a chunk of
   blocks from the min/max summaries and writes each score as an order-preserving int32 key to a
   scratch row. With FUSED, every program then bumps a per-row counter; the program that finishes
   a row last runs the exact top-n of that row (one launch in all). The counter is reset by that
@@ -191,8 +192,11 @@ def select_blocks_kernel(
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_B: tl.constexpr, TILES: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr, FUSED: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
+    POOL_MAX: tl.constexpr,
 ):
     """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
+    POOL_MAX: a block's score is the largest of the G heads' own bounds, else the bound of the
+    group's mean query.
 
     q: [B, H, D]; kmin, kmax: [B, HKV, NBmax, D] (same strides); keys: [B * HKV, NBmax] int32
     scratch; count: [B * HKV] int32, zero on entry and on exit; table: [B, HKV, S]; nsel: [B].
@@ -217,7 +221,13 @@ def select_blocks_kernel(
         offs = s_row + blk.to(tl.int64)[:, None] * stride_sn + offs_d[None, :]
         kmn = tl.load(kmin_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
         kmx = tl.load(kmax_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(tl.maximum(qg * kmx, qg * kmn), 1)
+        if POOL_MAX:
+            s = tl.full([BLOCK_B], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qh = tl.sum(tl.where(offs_g[:, None] == g, q, 0.0), 0)[None, :]
+                s = tl.maximum(s, tl.sum(tl.maximum(qh * kmx, qh * kmn), 1))
+        else:
+            s = tl.sum(tl.maximum(qg * kmx, qg * kmn), 1)
         tl.store(keys_row + blk, _score_to_key(s), mask=ok)
     if FUSED:
         # All threads' key stores are issued before the one release-atomic of this program.
@@ -334,9 +344,10 @@ def select_blocks(
     workspace: SelectionWorkspace | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     score_config: "ScoreConfig | None" = None,
+    group_pool: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose, per (row, KV head), the blocks a decode query attends to; same contract as
-    `resa.ref.select_blocks_ref`, without a host sync.
+    `resa.ref.select_blocks_ref` (group_pool included), without a host sync.
 
     q: [B, H, D] post-RoPE queries (fp16/bf16/fp32); kmin, kmax: [B, HKV, NBmax, D] summaries (any
     strides, last dimension contiguous); lengths: [B] int32/int64 on q's device, the current token
@@ -361,6 +372,8 @@ def select_blocks(
         raise ValueError(f"{name}: method must be one of {', '.join(METHODS)}, got {method!r}")
     if topn not in TOPN:
         raise ValueError(f"{name}: topn must be one of {', '.join(TOPN)}, got {topn!r}")
+    if group_pool not in ("mean", "max"):
+        raise ValueError(f"{name}: group_pool must be 'mean' or 'max', got {group_pool!r}")
     device = check_device(name, q, kmin, kmax, lengths)
     if q.dim() != 3 or kmin.dim() != 4:
         raise ValueError(f"{name}: q must be [B, H, D] and kmin [B, HKV, NBmax, D], got {list(q.shape)}, {list(kmin.shape)}")
@@ -423,7 +436,7 @@ def select_blocks(
         G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
         BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_T=block_t if fused else 16,
         BLOCK_S=block_s,
-        FUSED=fused, RADIX=topn == "radix", WAYS=ways,
+        FUSED=fused, RADIX=topn == "radix", WAYS=ways, POOL_MAX=group_pool == "max",
         num_warps=max(topn_warps, sc.num_warps) if fused else sc.num_warps,
     )
     if method == "two_pass":

@@ -42,6 +42,24 @@ def score_blocks_ref(qg: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
     return torch.maximum(q * kmax.float(), q * kmin.float()).sum(dim=-1)
 
 
+def block_scores_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, group_pool: str = "mean") -> torch.Tensor:
+    """Score of every block for each KV group, fp32 [B, HKV, NB].
+
+    group_pool "mean": the bound of the group's mean query (the paper's GBSA); "max": the bound of
+    each of the G query heads separately, the largest over the group. q: [B, H, D]; kmin, kmax:
+    [B, HKV, NB, D].
+    """
+    B, H, D = q.shape
+    HKV, nb = kmin.shape[1], kmin.shape[2]
+    if group_pool == "mean":
+        return score_blocks_ref(group_query(q, HKV), kmin, kmax)
+    if group_pool != "max":
+        raise ValueError(f"group_pool must be 'mean' or 'max', got {group_pool!r}")
+    G = H // HKV
+    per_head = score_blocks_ref(q, kmin.repeat_interleave(G, dim=1), kmax.repeat_interleave(G, dim=1))
+    return per_head.view(B, HKV, G, nb).amax(dim=2)
+
+
 def select_blocks_ref(
     q: torch.Tensor,
     kmin: torch.Tensor,
@@ -53,6 +71,7 @@ def select_blocks_ref(
     min_blocks: int,
     local_blocks: int = 1,
     num_slots: int | None = None,
+    group_pool: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose, per (row, KV head), the blocks a decode query attends to.
 
@@ -60,7 +79,8 @@ def select_blocks_ref(
     summaries; lengths: [B] tokens in each row's cache (the current token included).
     Row b has NB_b = ceil(lengths[b] / block_size) valid blocks and keeps
     n_b = block_budget(NB_b, active_ratio, min_blocks) of them: its last `local_blocks` valid blocks
-    always, the rest by top score. Blocks >= NB_b are never chosen.
+    always, the rest by top score (`block_scores_ref` with `group_pool`). Blocks >= NB_b are never
+    chosen.
     Returns (block_table [B, HKV, S] int32, num_selected [B] int32): the chosen block indices of
     each row in ascending order, then -1 in unused slots. S = num_slots, or max_b n_b if None;
     S must be >= max_b n_b.
@@ -75,7 +95,7 @@ def select_blocks_ref(
     slots = max(budgets, default=0) if num_slots is None else num_slots
     if slots < max(budgets, default=0):
         raise ValueError(f"num_slots={slots} is smaller than the largest budget {max(budgets)}")
-    scores = score_blocks_ref(group_query(q, HKV), kmin, kmax)
+    scores = block_scores_ref(q, kmin, kmax, group_pool)
     idx = torch.arange(nbmax, device=q.device)
     table = torch.full((B, HKV, slots), -1, dtype=torch.int32, device=q.device)
     for b in range(B):
