@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=2, help="rectification windows of f tokens timed per mode")
     parser.add_argument("--active-ratio", type=float, default=0.1)
     parser.add_argument("-f", "--rectify-every", type=int, default=32)
+    parser.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+                        help="block score of a KV group (ResaConfig.group_pool)")
     parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
                         help="contexts at which to time transformers generate (batch 1)")
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="memory kept free for activations")
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("resa bench e2e needs a CUDA GPU")
     device = torch.device("cuda")
     torch.manual_seed(0)
-    resa = ResaConfig(active_ratio=args.active_ratio, rectify_every=args.rectify_every)
+    resa = ResaConfig(active_ratio=args.active_ratio, rectify_every=args.rectify_every, group_pool=args.group_pool)
     copy_bw = copy_bandwidth(device, 200)
     model = random_model(args.shape, device=device)
     engine = Engine(model)
@@ -258,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.shape}-{''.join(c for c in card_name(device).lower() if c.isalnum())[:24]}"
+    stem += "" if args.group_pool == "mean" else f"-pool-{args.group_pool}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))

@@ -121,6 +121,8 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
     sum_bytes = 2 * batch * HKV * nb * D * esz + 2 * 4 * batch * HKV * nb + 4 * batch * HKV * slots
     fn = lambda: select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))  # noqa: E731
     record("selection", "default", _bench_graph(fn, g), sum_bytes)
+    fn = lambda: select_blocks(q, kmin, kmax, lengths, **sel_kw, group_pool="max", workspace=ws, out=(table, nsel))  # noqa: E731
+    record("selection", "group_pool-max", _bench_graph(fn, g), sum_bytes)
     if args.sweep and n_ctx >= args.sweep_from:
         from resa.kernels.selection import SCORE_CONFIGS
 
@@ -232,7 +234,8 @@ def markdown(result: dict) -> str:
             f"| {s[0]} | {s[1] // KIB}K | {s[2]} | {sd['time_us']:.1f} | {se['time_us']:.1f} | {at['time_us']:.1f} | "
             f"{at['gbps']:.0f} ({100 * at['frac_copy_bw']:.0f}%) | {gr['time_us']:.1f} | {gr['floor_us']:.1f} | "
             f"{gr['time_us'] / gr['floor_us']:.2f} | **{gr['speedup_vs_sdpa']:.2f}x** | {e['time_us']:.0f} / {sde['time_us']:.0f} us |")
-    methods = ("default", "fused-interp", "fused-bisect", "two_pass-interp", "two_pass-bisect", "torch", "scores")
+    methods = ("default", "group_pool-max", "fused-interp", "fused-bisect", "two_pass-interp", "two_pass-bisect", "torch",
+               "scores")
     lines += ["", "## Selection methods (us, graph replay; 'scores' = scoring pass alone, no top-n)", "",
               "| model | context | batch | " + " | ".join(methods) + " | floor |", "|---|---|---|" + "---|" * (len(methods) + 1)]
     for s in shapes:
