@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"# End-to-end decode, {result['shape']} (random weights), {result['card']}", "",
              f"Copy bandwidth {result['copy_GBps']:.0f} GB/s; torch {result['torch']}; "
-             f"ReSA active_ratio {result['resa']['active_ratio']}, f {result['resa']['rectify_every']}.", "",
+             f"ReSA active_ratio {result['resa']['active_ratio']}, f {result['resa']['rectify_every']}, "
+             f"group_pool {result['resa'].get('group_pool', 'mean')}.", "",
              "| context | batch | mode | ms/step | tokens/s | floor ms | measured/floor | vs dense |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

@@ -213,10 +213,6 @@ def select_blocks_kernel(
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * G + offs_g).to(tl.int64)[:, None] * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
     qg = (tl.sum(q, 0) / G)[None, :]
-    # Each head's bound sum_d max(q_d * kmax_d, q_d * kmin_d) = max(q, 0) . kmax + min(q, 0) . kmin
-    # (kmax >= kmin): two small fp32 products give every head's bound at once (G_P >= 16 rows).
-    q_pos = tl.maximum(q, 0.0)
-    q_neg = tl.minimum(q, 0.0)
     s_row = b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
     keys_row = keys_ptr + row.to(tl.int64) * nbmax
     for t in range(TILES):
@@ -226,9 +222,13 @@ def select_blocks_kernel(
         kmn = tl.load(kmin_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
         kmx = tl.load(kmax_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
         if POOL_MAX:
-            bounds = tl.dot(q_pos, tl.trans(kmx), input_precision="ieee") + \
-                tl.dot(q_neg, tl.trans(kmn), input_precision="ieee")                  # [G_P, BLOCK_B]
-            s = tl.max(tl.where(offs_g[:, None] < G, bounds, float("-inf")), 0)
+            # Head g's bound sum_d max(q_d * kmax_d, q_d * kmin_d) = max(q, 0) . kmax + min(q, 0) . kmin
+            # (kmax >= kmin): two multiply-adds an element; each head's row is read straight from q.
+            s = tl.full([BLOCK_B], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qh = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * G + g).to(tl.int64) * stride_qh
+                             + offs_d).to(tl.float32)[None, :]
+                s = tl.maximum(s, tl.sum(tl.maximum(qh, 0.0) * kmx + tl.minimum(qh, 0.0) * kmn, 1))
         else:
             s = tl.sum(tl.maximum(qg * kmx, qg * kmn), 1)
         tl.store(keys_row + blk, _score_to_key(s), mask=ok)
@@ -436,8 +436,7 @@ def select_blocks(
         kmin.stride(0), kmin.stride(1), kmin.stride(2),
         table.stride(0), table.stride(1), table.stride(2),
         HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
-        G=G, G_P=max(16, triton.next_power_of_2(G)) if group_pool == "max" else triton.next_power_of_2(G),
-        D=D, BS=block_size,
+        G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
         BLOCK_B=block_b, TILES=tiles, BLOCK_NB=block_nb if fused else 16, BLOCK_T=block_t if fused else 16,
         BLOCK_S=block_s,
         FUSED=fused, RADIX=topn == "radix", WAYS=ways, POOL_MAX=group_pool == "max",
