@@ -18,12 +18,20 @@ def test_block_budget(nb, ratio, min_blocks, expected):
     assert block_budget(nb, ratio, min_blocks) == expected
 
 
-def test_scores_bound_every_key_in_block():
-    torch.manual_seed(0)
-    B, HKV, G, N, D, BS = 2, 3, 4, 64, 16, 8
+B, HKV, G, N, D, BS = 2, 3, 4, 64, 16, 8  # full blocks only: the summaries bound whole blocks
+
+
+def _full_blocks(seed):
+    """Queries, keys and their block summaries (every row N tokens long)."""
+    torch.manual_seed(seed)
     q = torch.randn(B, HKV * G, D)
     k = torch.randn(B, HKV, N, D)
-    kmin, kmax = block_summaries_ref(k, torch.tensor([N, N]), BS)
+    kmin, kmax = block_summaries_ref(k, torch.tensor([N] * B), BS)
+    return q, k, kmin, kmax
+
+
+def test_scores_bound_every_key_in_block():
+    q, k, kmin, kmax = _full_blocks(0)
     qg = group_query(q, HKV)
     s = score_blocks_ref(qg, kmin, kmax)
     exact = torch.einsum("bhd,bhnd->bhn", qg, k).view(B, HKV, N // BS, BS).amax(-1)
@@ -32,11 +40,7 @@ def test_scores_bound_every_key_in_block():
 
 
 def test_max_pool_bounds_every_head_and_is_the_largest_head_bound():
-    torch.manual_seed(1)
-    B, HKV, G, N, D, BS = 2, 3, 4, 64, 16, 8
-    q = torch.randn(B, HKV * G, D)
-    k = torch.randn(B, HKV, N, D)
-    kmin, kmax = block_summaries_ref(k, torch.tensor([N, N]), BS)
+    q, k, kmin, kmax = _full_blocks(1)
     s = block_scores_ref(q, kmin, kmax, "max")
     heads = q.view(B, HKV, G, D)
     exact = torch.einsum("bhgd,bhnd->bhgn", heads, k).view(B, HKV, G, N // BS, BS).amax(-1)  # per head, per block
