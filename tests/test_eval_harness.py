@@ -94,3 +94,16 @@ def test_drift_runs_every_mode_and_dense_agrees_with_itself(tmp_path):
     assert summ["modes"]["dense"]["nll_ratio"][0] == pytest.approx(1.0)
     assert len(summ["modes"]["sparse"]["buckets"]) == 3
     assert all(len(r["tokens"]) == 24 for r in store.get("resa-fused")["rows"])
+
+
+def test_paired_gap_uses_only_shared_texts_and_pairs_them():
+    def cell(texts, nll):
+        return {"rows": [{"corpus": "c", "doc": d, "offset": 0, "top1": [1, 0], "top3": [1, 1], "nll": [v, v]}
+                         for d, v in zip(texts, nll)]}
+
+    a = {"b0/x0/r0.1": cell([1, 2, 3], [2.0, 3.0, 9.0])}
+    b = {"b0/x32/r0.1": cell([1, 2], [1.5, 2.0]), "b0/dense": cell([1, 2], [0.0, 0.0])}
+    gap = lm_sim.paired_gap(a, "x0/r0.1", b, "x32/r0.1")
+    assert gap["texts"] == 2  # text 3 is only in a
+    assert gap["nll"][0] == pytest.approx(0.75) and gap["top3"][0] == 0.0
+    assert lm_sim.paired_gap(a, "x0/r0.1", b, "ub/r0.1")["texts"] == 0

@@ -100,6 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _blocks(se)
     se.set_defaults(func=_selection)
 
+    cp = tasks.add_parser("compare", help="paired gap of two lm-sim conditions, possibly from two run files")
+    cp.add_argument("a", help="run file and condition, FILE:COND, e.g. evals/lm_sim_L4096_sparse_only.json:x0/r0.1")
+    cp.add_argument("b", help="the condition subtracted, FILE:COND, e.g. evals/lm_sim_L4096.json:x32/r0.1")
+    cp.set_defaults(func=_compare)
+
     rep = tasks.add_parser("report", help="markdown report and plots from the results folder")
     rep.add_argument("--out", default="evals")
     rep.set_defaults(func=_report)
@@ -203,6 +208,26 @@ def _selection(args: argparse.Namespace) -> int:
                                         block_size=args.block_size, min_blocks=args.min_blocks)
     name = f"selection_L{s.length}_r{s.ratio}{_model_tag(args)}" + ("_quick" if args.quick else _block_tag(s))
     return _execute(args, "selection", selection, s, name, "selection_table")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .lm_sim import paired_gap
+    from .stats import fmt_ci
+
+    sides = []
+    for spec in (args.a, args.b):
+        path, sep, cond = spec.rpartition(":")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"resa eval compare: expected FILE:CONDITION with an existing lm-sim run file, got {spec!r}")
+        sides.append((json.loads(Path(path).read_text(encoding="utf-8"))["cells"], cond))
+    gap = paired_gap(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
+    if not gap["texts"]:
+        raise SystemExit("resa eval compare: the two conditions share no scored texts")
+    print(f"{args.a} minus {args.b}, {gap['texts']} shared texts: top-1 {fmt_ci(*gap['top1'])} pp, "
+          f"top-3 {fmt_ci(*gap['top3'])} pp, NLL {fmt_ci(*gap['nll'], scale=1, digits=3)} nats/token")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -182,6 +182,23 @@ def summarize(cells: dict, settings: dict) -> list[dict]:
     return out
 
 
+def _rows_by_text(cells: dict, cond: str) -> dict:
+    return {(r["corpus"], r["doc"], r["offset"]): r for key, cell in cells.items()
+            if key.split("/", 1)[1] == cond for r in cell["rows"]}
+
+
+def paired_gap(cells_a: dict, cond_a: str, cells_b: dict, cond_b: str) -> dict:
+    """Condition a minus condition b on the texts both runs scored (they may come from two run
+    files of the same length, e.g. a separate sparse-only run): top-1 / top-3 / NLL gaps with
+    95% cluster-bootstrap intervals over texts. cond: "dense", "ub/r0.1", "x32/r0.1", "x0/r0.1"."""
+    a, b = _rows_by_text(cells_a, cond_a), _rows_by_text(cells_b, cond_b)
+    shared = sorted(set(a) & set(b))
+    out = {"texts": len(shared)}
+    for m in ("top1", "top3", "nll"):
+        out[m] = cluster_bootstrap([[x - y for x, y in zip(a[t][m], b[t][m])] for t in shared])
+    return out
+
+
 def _cond_order(cond: str) -> tuple:
     if cond == "dense":
         return (0, 0, 0)
