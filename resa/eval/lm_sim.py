@@ -166,7 +166,7 @@ def summarize(cells: dict, settings: dict) -> list[dict]:
     for key, cell in cells.items():
         cond = key.split("/", 1)[1]
         groups.setdefault(cond, []).extend(cell["rows"])
-    dense = {(r["corpus"], r["doc"], r["offset"]): r for r in groups.get("dense", [])}
+    dense = _rows_by_text(cells, "dense")
     out = []
     for cond in sorted(groups, key=_cond_order):
         rows = groups[cond]
