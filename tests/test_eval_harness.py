@@ -107,3 +107,10 @@ def test_paired_gap_uses_only_shared_texts_and_pairs_them():
     assert gap["texts"] == 2  # text 3 is only in a
     assert gap["nll"][0] == pytest.approx(0.75) and gap["top3"][0] == 0.0
     assert lm_sim.paired_gap(a, "x0/r0.1", b, "ub/r0.1")["texts"] == 0
+
+
+def test_wilson_interval_holds_the_rate_at_the_edges():
+    for k, n in ((10, 10), (0, 10), (7, 7), (0, 3)):
+        p, lo, hi = wilson(k, n)
+        assert lo <= p <= hi and 0.0 <= lo and hi <= 1.0
+    assert wilson(10, 10)[2] == 1.0

@@ -244,8 +244,9 @@ def _plot_bars(out: Path, d: dict, task: str) -> str | None:
             m, a, b = rec[c]["acc"]
             xs.append(g + (i - (len(conds) - 1) / 2) * width)
             ys.append(100 * m)
-            lo.append(100 * (m - a) if a == a else 0)
-            hi.append(100 * (b - m) if b == b else 0)
+            # max(0, .): matplotlib rejects negative error bars, whatever interval a summary holds.
+            lo.append(max(0.0, 100 * (m - a)) if a == a else 0)
+            hi.append(max(0.0, 100 * (b - m)) if b == b else 0)
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=_cond_label(c), color=f"C{i}")
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_ylabel("accuracy (%)")

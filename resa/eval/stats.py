@@ -18,7 +18,8 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float, float]
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return p, max(0.0, mid - half), min(1.0, mid + half)
+    # The interval always holds p; at p = 0 or 1 rounding could leave it a hair short.
+    return p, max(0.0, min(p, mid - half)), min(1.0, max(p, mid + half))
 
 
 def cluster_bootstrap(values: Sequence[Sequence[float]], reps: int = 2000,
