@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import GROUP_POOLS
+
 RESA_HELP = """\
 ReSA settings (Rectified Sparse Attention):
   Decoding reads only the top --active-ratio of the KV cache's blocks of --block-size tokens,
@@ -33,7 +35,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rectify-variant", choices=("paper", "fused"), default="paper",
                    help="paper: separate dense pass; fused: the dense pass also feeds the newest token")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk")
-    p.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+    p.add_argument("--group-pool", choices=GROUP_POOLS, default="mean",
                    help="block score of a KV group: mean = the bound of the heads' mean query (the paper's), "
                         "max = the largest of the heads' own bounds")
     p.add_argument("-n", "--max-new-tokens", type=int, default=128)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..cache import KVCache
-from ..config import ResaConfig
+from ..config import GROUP_POOLS, ResaConfig
 from ..engine import CacheRunner, Engine
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
 from ..rectify import feed_token
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, default=2, help="rectification windows of f tokens timed per mode")
     parser.add_argument("--active-ratio", type=float, default=0.1)
     parser.add_argument("-f", "--rectify-every", type=int, default=32)
-    parser.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+    parser.add_argument("--group-pool", choices=GROUP_POOLS, default="mean",
                         help="block score of a KV group (ResaConfig.group_pool)")
     parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
                         help="contexts at which to time transformers generate (batch 1)")

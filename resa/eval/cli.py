@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import GROUP_POOLS
+
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v)
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("--rectify-every", type=int, default=32)
     rt.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
     rt.add_argument("--seed", type=int, default=0)
-    rt.add_argument("--group-pool", choices=("mean", "max"), default="mean",
+    rt.add_argument("--group-pool", choices=GROUP_POOLS, default="mean",
                     help="ReSA block score of a KV group: mean query bound (the paper's) or max of the heads' bounds")
     _blocks(rt)
     rt.set_defaults(func=_retrieval)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import attention as attn
-from ..ref.selection import block_budget, block_scores_ref, select_blocks_ref
+from ..ref.selection import block_budget, select_blocks_ref
 from . import ruler
 from .decode import eos_ids
 from .retrieval import RetrievalSettings, sample_maker
@@ -130,26 +130,31 @@ def layer_recall(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: tor
     nb = -(-n_keys // bs)
     keys = k[:, :n_keys].float().repeat_interleave(G, dim=0)                      # [H, N, D]
     p = torch.softmax((keys @ q.float()[:, :, None])[..., 0] * D ** -0.5, dim=-1)  # [H, N]
-    per_block = torch.nn.functional.pad(p, (0, nb * bs - n_keys)).view(H, nb, bs).sum(-1)
-    group_mass = per_block.view(HKV, G, nb).mean(1)                               # [HKV, NB]
+    group_mass = _block_sums(p, nb, bs).view(HKV, G, nb).mean(1)                  # [HKV, NB]
     n = block_budget(nb, s.ratio, s.min_blocks)
-    table, _ = select_blocks_ref(q[None], kmin[None, :, :nb], kmax[None, :, :nb], torch.tensor([n_keys]),
-                                 block_size=bs, active_ratio=s.ratio, min_blocks=s.min_blocks,
-                                 local_blocks=s.local_blocks)
-    spec = torch.zeros(HKV, nb, dtype=torch.bool)
-    spec.scatter_(1, table[0, :, :n].long(), True)
-    masks = {"spec": spec,
-             "head-max": keep_top(block_scores_ref(q[None], kmin[None, :, :nb], kmax[None, :, :nb], "max")[0], n,
-                                  s.local_blocks),
+
+    def selected(pool: str) -> torch.Tensor:
+        """The engine's reference selection with this pool, as a mask [HKV, NB]."""
+        table, _ = select_blocks_ref(q[None], kmin[None, :, :nb], kmax[None, :, :nb], torch.tensor([n_keys]),
+                                     block_size=bs, active_ratio=s.ratio, min_blocks=s.min_blocks,
+                                     local_blocks=s.local_blocks, group_pool=pool)
+        return torch.zeros(HKV, nb, dtype=torch.bool).scatter_(1, table[0, :, :n].long(), True)
+
+    masks = {"spec": selected("mean"), "head-max": selected("max"),
              "oracle": keep_top(group_mass, n, s.local_blocks)}
     on_needle = torch.zeros(n_keys, dtype=torch.bool)
     on_needle[needle] = True
     needle_p = (p * on_needle).view(HKV, G, n_keys)                                # [HKV, G, N]
-    needle_blocks = torch.nn.functional.pad(needle_p.sum(1), (0, nb * bs - n_keys)).view(HKV, nb, bs).sum(-1)
+    needle_blocks = _block_sums(needle_p.sum(1), nb, bs)                          # [HKV, NB]
     needle_total = needle_blocks.sum(-1).clamp_min(1e-30)
     return {"kept": {v: (group_mass * m).sum(-1).tolist() for v, m in masks.items()},
             "needle_share": needle_p.sum(-1).amax(-1).tolist(),
             "needle_kept": {v: ((needle_blocks * m).sum(-1) / needle_total).tolist() for v, m in masks.items()}}
+
+
+def _block_sums(x: torch.Tensor, nb: int, bs: int) -> torch.Tensor:
+    """[R, N] per-token values -> [R, nb] sums over blocks of bs tokens (the last may be partial)."""
+    return torch.nn.functional.pad(x, (0, nb * bs - x.shape[-1])).view(x.shape[0], nb, bs).sum(-1)
 
 
 def analyse_sample(engine, sample: ruler.Sample, s: SelectionSettings) -> dict:

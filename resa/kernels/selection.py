@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import GROUP_POOLS
 from ..ref.selection import RATIO_SCALE, ratio_ppm
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
 
@@ -375,8 +376,8 @@ def select_blocks(
         raise ValueError(f"{name}: method must be one of {', '.join(METHODS)}, got {method!r}")
     if topn not in TOPN:
         raise ValueError(f"{name}: topn must be one of {', '.join(TOPN)}, got {topn!r}")
-    if group_pool not in ("mean", "max"):
-        raise ValueError(f"{name}: group_pool must be 'mean' or 'max', got {group_pool!r}")
+    if group_pool not in GROUP_POOLS:
+        raise ValueError(f"{name}: group_pool must be one of {', '.join(GROUP_POOLS)}, got {group_pool!r}")
     device = check_device(name, q, kmin, kmax, lengths)
     if q.dim() != 3 or kmin.dim() != 4:
         raise ValueError(f"{name}: q must be [B, H, D] and kmin [B, HKV, NBmax, D], got {list(q.shape)}, {list(kmin.shape)}")
