@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .errors import ConfigError
+
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MODES = ("dense", "sparse", "resa")
@@ -13,8 +15,23 @@ RECTIFY_VARIANTS = ("paper", "fused")
 GROUP_POOLS = ("mean", "max")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, out of range or unsupported."""
+__all__ = ["ConfigError", "GROUP_POOLS", "MODES", "ModelConfig", "RECTIFY_VARIANTS", "ROPE_TYPES",
+           "ResaConfig", "RopeConfig", "SUPPORTED_ARCHS", "is_int", "is_number"]
+
+
+def is_int(value: Any) -> bool:
+    """A real Python integer, never a bool (True is an int to Python, not to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (int or float), never a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -39,14 +56,24 @@ class RopeConfig:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ROPE_TYPES:
+        if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"unsupported RoPE scaling type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
             )
-        if not self.theta > 0:
-            raise ConfigError(f"rope theta must be > 0, got {self.theta}")
-        if not self.factor > 0:
-            raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
+        if not (is_number(self.theta) and self.theta > 0):
+            raise ConfigError(f"rope theta must be a number > 0, got {self.theta!r}")
+        if not (is_number(self.factor) and self.factor > 0):
+            raise ConfigError(f"rope scaling factor must be a number > 0, got {self.factor!r}")
+        for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            if not is_number(getattr(self, name)):
+                raise ConfigError(f"rope {name} must be a number, got {getattr(self, name)!r}")
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and not is_number(value):
+                raise ConfigError(f"rope {name} must be a number or null, got {value!r}")
+        orig = self.original_max_position_embeddings
+        if orig is not None and not (is_int(orig) and orig > 0):
+            raise ConfigError(f"rope original_max_position_embeddings must be a positive integer, got {orig!r}")
         if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
             raise ConfigError(
                 f"RoPE scaling {self.rope_type!r} needs original_max_position_embeddings in rope_scaling"
@@ -79,15 +106,23 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.arch not in SUPPORTED_ARCHS:
+        if not isinstance(self.arch, str) or self.arch not in SUPPORTED_ARCHS:
             raise ConfigError(
                 f"unsupported architecture {self.arch!r}; resa supports {', '.join(SUPPORTED_ARCHS)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not (is_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ConfigError(f"rms_norm_eps must be a number > 0, got {self.rms_norm_eps!r}")
+        for name in ("bos_token_id",):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and value >= 0):
+                raise ConfigError(f"{name} must be a token id (an integer >= 0) or None, got {value!r}")
+        if not all(is_int(i) and i >= 0 for i in self.eos_token_ids):
+            raise ConfigError(f"eos_token_ids must be token ids (integers >= 0), got {self.eos_token_ids!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -102,58 +137,110 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face `config.json` dict; fails on architectures we cannot run."""
+        """Build from a Hugging Face `config.json` dict; fails on architectures we cannot run.
+
+        Every field read is type-checked first, so a malformed file gives a ConfigError naming
+        the field (the loader adds the file name), never a TypeError from deep inside."""
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"config.json must hold a JSON object ({{...}}), got a {type(cfg).__name__}")
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_ARCHS:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHS:
             raise ConfigError(
                 f"unsupported model_type {model_type!r} in config.json; resa supports "
                 f"{', '.join(SUPPORTED_ARCHS)}"
             )
         if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
             raise ConfigError("soft-capped attention is not supported")
+        context = _hf_int(cfg, "max_position_embeddings", 4096)
         use_sliding = cfg.get("use_sliding_window", model_type == "mistral")
         window = cfg.get("sliding_window")
-        if use_sliding and window is not None and window < cfg.get("max_position_embeddings", 0):
+        if window is not None and not is_int(window):
+            raise ConfigError(f"field 'sliding_window' must be an integer or null, got {window!r}")
+        if use_sliding and window is not None and window < context:
             raise ConfigError(
                 f"sliding-window attention (window {window}) is not supported; ReSA needs full attention"
             )
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        heads = _hf_int(cfg, "num_attention_heads")
+        hidden = _hf_int(cfg, "hidden_size")
+        head_dim = _hf_int(cfg, "head_dim", 0)
+        if not head_dim:
+            if hidden % heads:
+                raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                  "and there is no head_dim field; the config is inconsistent")
+            head_dim = hidden // heads
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        if not (is_number(eps) and eps > 0):
+            raise ConfigError(f"field 'rms_norm_eps' must be a number > 0, got {eps!r}")
         return cls(
             arch=model_type,
-            vocab_size=cfg["vocab_size"],
+            vocab_size=_hf_int(cfg, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            intermediate_size=_hf_int(cfg, "intermediate_size"),
+            num_layers=_hf_int(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            num_kv_heads=_hf_int(cfg, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            max_position_embeddings=context,
+            rms_norm_eps=float(eps),
             rope=rope_from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3",
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            bos_token_id=_hf_token_id(cfg, "bos_token_id"),
+            eos_token_ids=_hf_token_ids(cfg, "eos_token_id"),
         )
+
+
+_REQUIRED = object()
+
+
+def _hf_int(cfg: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    """A positive integer field of an HF config; `default` when absent or null."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"required field {key!r} is missing")
+        return default
+    if not is_int(value) or value <= 0:
+        raise ConfigError(f"field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _hf_token_id(cfg: Mapping[str, Any], key: str) -> int | None:
+    value = cfg.get(key)
+    if isinstance(value, list):  # some configs list several; the first is the primary one
+        value = value[0] if value else None
+    if value is not None and not (is_int(value) and value >= 0):
+        raise ConfigError(f"field {key!r} must be a token id (integer >= 0) or null, got {value!r}")
+    return value
+
+
+def _hf_token_ids(cfg: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    value = cfg.get(key)
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise ConfigError(f"field {key!r} must be a token id or a list of token ids, got {value!r}")
+    return tuple(ids)
 
 
 def rope_from_hf(cfg: Mapping[str, Any]) -> RopeConfig:
     """Read RoPE settings from an HF config (`rope_theta` + `rope_scaling`, or `rope_parameters`)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), Mapping):
+            raise ConfigError(f"field {key!r} must be a JSON object or null, got {cfg.get(key)!r}")
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {})
     params.update(scaling)
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not (is_number(theta) and theta > 0):
+        raise ConfigError(f"field 'rope_theta' must be a number > 0, got {theta!r}")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     known = {f.name for f in fields(RopeConfig)} - {"theta", "rope_type"}
     kwargs = {k: v for k, v in params.items() if k in known and v is not None}
     if rope_type in ("yarn", "llama3") and "original_max_position_embeddings" not in kwargs:
         # HF falls back to the model's own context length when the scaling block omits it.
         if cfg.get("max_position_embeddings") is not None:
-            kwargs["original_max_position_embeddings"] = int(cfg["max_position_embeddings"])
+            kwargs["original_max_position_embeddings"] = _hf_int(cfg, "max_position_embeddings")
     return RopeConfig(theta=float(theta), rope_type=rope_type, **kwargs)
 
 
@@ -188,28 +275,22 @@ class ResaConfig:
     group_pool: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.rectify_variant not in RECTIFY_VARIANTS:
-            raise ConfigError(
-                f"rectify_variant must be one of {', '.join(RECTIFY_VARIANTS)}, got {self.rectify_variant!r}"
-            )
-        if self.group_pool not in GROUP_POOLS:
-            raise ConfigError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got {self.group_pool!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        _choice("mode", self.mode, MODES)
+        _choice("rectify_variant", self.rectify_variant, RECTIFY_VARIANTS)
+        _choice("group_pool", self.group_pool, GROUP_POOLS)
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
-        if not (isinstance(self.active_ratio, (int, float)) and self.active_ratio > 0
-                and math.isfinite(self.active_ratio)):
+        if not (is_number(self.active_ratio) and self.active_ratio > 0):
             raise ConfigError(f"active_ratio must be a number > 0, got {self.active_ratio!r}")
-        if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
+        if not is_int(self.min_blocks) or self.min_blocks < 1:
             raise ConfigError(f"min_blocks must be an integer >= 1, got {self.min_blocks!r}")
-        if not isinstance(self.local_blocks, int) or not 1 <= self.local_blocks <= self.min_blocks:
+        if not is_int(self.local_blocks) or not 1 <= self.local_blocks <= self.min_blocks:
             raise ConfigError(
                 f"local_blocks must be an integer in [1, min_blocks={self.min_blocks}], got {self.local_blocks!r}"
             )
-        if not isinstance(self.rectify_every, int) or self.rectify_every < 0:
+        if not is_int(self.rectify_every) or self.rectify_every < 0:
             raise ConfigError(f"rectify_every (f) must be an integer >= 0, got {self.rectify_every!r}")
-        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
 
     @property

@@ -1,11 +1,39 @@
-"""Errors raised while loading checkpoints and tokenizers."""
+"""The errors resa raises on purpose, as one family.
+
+    ResaError                  anything resa reports with a message meant for the user
+    +-- UsageError             a bad argument or setting from the caller (also a ValueError)
+    |   +-- ConfigError        a configuration value out of range or an unsupported model config
+    +-- LoaderError            a checkpoint, GGUF file, cache entry or tokenizer cannot be used
+                               (also a ValueError)
+
+Every message names what is wrong (the argument, file, tensor or field) and says what to do.
+Both UsageError and LoaderError subclass ValueError, so code that catches ValueError keeps working.
+`exit_code` is what the command line exits with: 2 for usage errors, 1 for everything else.
+"""
 
 from __future__ import annotations
 
 
-class LoaderError(ValueError):
-    """A checkpoint, GGUF file or tokenizer cannot be loaded.
+class ResaError(Exception):
+    """Base of every error resa raises on purpose; the message says what to do."""
+
+    exit_code = 1
+
+
+class UsageError(ResaError, ValueError):
+    """An argument or setting of the caller is of the wrong type, out of range or unsupported."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration value is missing, out of range or unsupported (settings or model config)."""
+
+
+class LoaderError(ResaError, ValueError):
+    """A checkpoint, GGUF file, conversion cache entry or tokenizer cannot be loaded.
 
     The message names the file or tensor at fault and says what to do about it.
-    Subclasses ValueError so callers that validate inputs generically still catch it.
     """
+
+    exit_code = 1

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from resa.config import ConfigError, ModelConfig, RopeConfig
+from resa.config import ConfigError, ModelConfig, RopeConfig, is_int
 from resa.errors import LoaderError
 from resa.tokenizer import Tokenizer
-from resa.weights_table import check_tensors
+from resa.weights_table import check_finite, check_tensors
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_ARCHS = ("llama",)
@@ -198,6 +198,11 @@ def gguf_config(reader: Any, source: str = "GGUF file") -> ModelConfig:
     if hidden is None or heads is None or meta("block_count") is None:
         raise LoaderError(f"{source}: GGUF metadata lacks {arch}.embedding_length/block_count/"
                           "attention.head_count; the file is not a complete model")
+    for key, value in (("embedding_length", hidden), ("attention.head_count", heads),
+                       ("attention.head_count_kv", kv_heads), ("block_count", meta("block_count"))):
+        if not is_int(value) or value <= 0:
+            raise LoaderError(f"{source}: GGUF metadata {arch}.{key} must be a positive integer, got {value!r}; "
+                              "the file is damaged or was not written by llama.cpp")
     head_dim = meta("attention.key_length", hidden // heads)
     if meta("attention.value_length", head_dim) != head_dim:
         raise LoaderError(f"{source}: key_length != value_length is not supported")
@@ -209,6 +214,15 @@ def gguf_config(reader: Any, source: str = "GGUF file") -> ModelConfig:
     if window and window < context:
         raise ConfigError(f"{source}: sliding-window attention (window {window}) is not supported; "
                           "ReSA needs full attention")
+    try:
+        return _model_config(reader, arch, names, hidden, heads, kv_heads, head_dim, context, meta, source)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: GGUF metadata: {exc}") from exc
+
+
+def _model_config(reader: Any, arch: str, names: dict, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                  context: Any, meta: Any, source: str) -> ModelConfig:
+    eps = meta("attention.layer_norm_rms_epsilon", 1e-6)
     return ModelConfig(
         arch=_ARCHS[arch],
         vocab_size=int(names["token_embd.weight"].shape[1]),
@@ -219,7 +233,7 @@ def gguf_config(reader: Any, source: str = "GGUF file") -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=context,
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_norm_eps=float(eps) if isinstance(eps, (int, float)) else eps,
         rope=_gguf_rope(reader, arch, head_dim, source),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
@@ -243,6 +257,7 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, source: str = "GGUF file") -> di
         pending[hf_tensor_name(t.name)] = _Pending(tuple(int(n) for n in reversed(t.shape)), t)
     pending = check_tensors(cfg, pending, source)
     arrays = {name: _dequantize(p.tensor, p.shape) for name, p in pending.items()}
+    check_finite(arrays, source, labels={name: p.tensor.name for name, p in pending.items()})
     if arch in _PERMUTED_ARCHS:
         for name, w in arrays.items():
             if ".self_attn.q_proj." in name:

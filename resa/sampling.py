@@ -6,12 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, is_int, is_number
+
+# torch.Generator.manual_seed takes any 64-bit value; negative seeds wrap, so only [0, 2**64) is accepted.
+SEED_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those filters.
+
+    seed: None (nondeterministic sampling) or an integer in [0, 2**64 - 1]."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -19,12 +24,14 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (is_number(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed <= SEED_MAX):
+            raise ConfigError(f"seed must be None or an integer in [0, 2**64 - 1], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

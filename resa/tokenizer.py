@@ -81,13 +81,18 @@ class Tokenizer:
 
         bos_id = _token_id(backend, tcfg.get("bos_token"))
         if bos_id is None:
-            bos_id = mcfg.get("bos_token_id")
+            bos = _ids_field(folder / "config.json", "bos_token_id", mcfg.get("bos_token_id"))
+            bos_id = bos[0] if bos else None
         eos: list[int] = []
-        for source in (_token_id(backend, tcfg.get("eos_token")), mcfg.get("eos_token_id"),
-                       gcfg.get("eos_token_id")):
-            eos += [i for i in (source if isinstance(source, list) else [source]) if i is not None]
+        eos_token = _token_id(backend, tcfg.get("eos_token"))
+        eos += [] if eos_token is None else [eos_token]
+        eos += _ids_field(folder / "config.json", "eos_token_id", mcfg.get("eos_token_id"))
+        eos += _ids_field(folder / "generation_config.json", "eos_token_id", gcfg.get("eos_token_id"))
 
         template = _hf_chat_template(folder, tcfg)
+        if template is not None and not isinstance(template, str):
+            raise LoaderError(f"{folder}: the chat template must be a string, got {type(template).__name__}; "
+                              "fix chat_template in tokenizer_config.json")
         add_bos = tcfg.get("add_bos_token")
         if add_bos is None:
             # No explicit flag: follow what the backend's post-processor would do.
@@ -338,12 +343,27 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def _read_json(path: Path) -> dict:
+    """An optional JSON object file of an HF folder ({} when absent); LoaderError naming the
+    file when it is not valid JSON or not an object."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LoaderError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LoaderError(f"{path}: must hold a JSON object ({{...}}), got a JSON {type(data).__name__}; "
+                          "save the tokenizer again (tokenizer.save_pretrained(folder)) or delete the file")
+    return data
+
+
+def _ids_field(path: Path, key: str, value: Any) -> list[int]:
+    """A token id field (`eos_token_id`: an int, a list of ints or null) of a config file."""
+    ids = value if isinstance(value, list) else ([] if value is None else [value])
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise LoaderError(f"{path}: field {key!r} must be a token id or a list of token ids, got {value!r}")
+    return ids
 
 
 def _token_id(backend: tokenizers.Tokenizer, token: Any) -> int | None:
@@ -358,6 +378,6 @@ def _hf_chat_template(folder: Path, tcfg: dict) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = tcfg.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     return template

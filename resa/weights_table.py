@@ -8,7 +8,7 @@ fails here, loudly, before any model code sees it.
 from __future__ import annotations
 
 import re
-from typing import Mapping, TypeVar
+from typing import Any, Mapping, TypeVar
 
 from resa.config import ModelConfig
 from resa.errors import LoaderError
@@ -84,6 +84,38 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, T], source: str = "che
                 f"({_describe(cfg)})."
             )
     return {name: tensors[name] for name in table}
+
+
+def check_finite(tensors: Mapping[str, Any], source: str | Mapping[str, str] = "checkpoint",
+                 labels: Mapping[str, str] | None = None) -> None:
+    """Raise LoaderError if any float tensor holds a NaN or an infinity.
+
+    Cheap: one sum per tensor in its own dtype's accumulator (a NaN or inf anywhere makes the sum
+    non-finite); only a non-finite sum triggers the exact element check, which also rules out an
+    overflowing sum of finite values. source: the file (one for all, or name -> file); labels:
+    the tensor's name in its file where that differs (GGUF names).
+    """
+    import torch
+
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        if bool(torch.isfinite(t.sum(dtype=acc))):
+            continue
+        bad = ~torch.isfinite(t)
+        count = int(bad.sum())
+        if not count:
+            continue
+        flat = t.reshape(-1)
+        first = int(bad.reshape(-1).nonzero()[0, 0])
+        where = source.get(name, "checkpoint") if isinstance(source, Mapping) else source
+        label = name if not labels or labels.get(name, name) == name else f"{labels[name]} ({name})"
+        raise LoaderError(
+            f"{where}: tensor {label} holds {count} non-finite value(s) of {t.numel()} (first: "
+            f"{float(flat[first])} at flat index {first}); the weights are corrupt: download or "
+            "convert the checkpoint again"
+        )
 
 
 def _droppable(cfg: ModelConfig, name: str) -> bool:
