@@ -1,11 +1,23 @@
-"""Command line: `resa generate | bench | eval`. Parses arguments and calls the library."""
+"""Command line: `resa generate | bench | eval`. Parses arguments and calls the library.
+
+Every command runs inside one error boundary (`run_guarded`): resa's own errors, unreadable
+files, undecodable input and out-of-memory end as one line on stderr and exit 2 (a usage
+error: a bad argument, setting or input) or 1 (anything else); Ctrl-C exits 130 and keeps the
+text already written. `--debug` (or RESA_DEBUG=1) lets the exception through with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import Callable
 
 from .config import GROUP_POOLS
+from .errors import ResaError, UsageError
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 RESA_HELP = """\
 ReSA settings (Rectified Sparse Attention):
@@ -58,54 +70,121 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _decode_text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not valid UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "convert it to UTF-8 (e.g. iconv -t UTF-8)") from exc
+
+
+def _read_file(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"--file {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"--file {path} is a folder; pass a text file (one prompt per file)")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ResaError(f"--file {path}: cannot read it ({exc.strerror or exc})") from exc
+    return _decode_text(data, f"--file {path}")
+
+
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (e.g. io.StringIO)
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"stdin is not valid UTF-8 text ({exc.reason} at offset {exc.start}); "
+                             "convert it to UTF-8") from exc
+    return _decode_text(buffer.read(), "stdin")
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [p for p in args.prompt if p != "-"]
     for path in args.file or []:
-        with open(path, encoding="utf-8") as fh:
-            prompts.append(fh.read())
+        prompts.append(_read_file(path))
     if "-" in args.prompt or not prompts:
-        if sys.stdin.isatty() and not prompts:
-            raise SystemExit("resa generate: give a prompt, --file PATH, or pipe text on stdin")
-        text = sys.stdin.read()
+        if sys.stdin is None or (sys.stdin.isatty() and not prompts):
+            raise UsageError("give a prompt, --file PATH, or pipe text on stdin")
+        text = _read_stdin()
         if text.strip():
             prompts.append(text)
     if not prompts:
-        raise SystemExit("resa generate: the prompt is empty")
+        raise UsageError("the prompt is empty; give a prompt, --file PATH, or pipe text on stdin")
     return prompts
 
 
+def _check_model_path(model: str | None) -> None:
+    """Fail before any loading when --model cannot be a model."""
+    if model is None:
+        return
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise UsageError(f"--model {model} does not exist; pass a Hugging Face model folder (config.json + "
+                         "*.safetensors + tokenizer.json) or a .gguf file (or leave --model out for the default model)")
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "tokenizer.json").is_file():
+        raise _no_tokenizer(model)
+
+
+def _no_tokenizer(model: str | None) -> UsageError:
+    return UsageError(f"the model {model} has no tokenizer (no tokenizer.json), so text prompts cannot be encoded; "
+                      "save it into the folder (tokenizer.save_pretrained(folder)) or use the Python API's "
+                      "generate_ids with token ids")
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from .config import ConfigError, ResaConfig
-    from .engine import Engine, PromptTooLongError
-    from .errors import LoaderError
+    from . import validate
+    from .config import ResaConfig
+    from .engine import Engine
     from .sampling import SamplingConfig
 
-    try:
-        resa = ResaConfig(
-            mode=args.mode, block_size=args.block_size, active_ratio=args.active_ratio,
-            min_blocks=args.min_blocks, local_blocks=args.local_blocks,
-            rectify_every=args.rectify_every, rectify_variant=args.rectify_variant,
-            prefill_chunk=args.prefill_chunk, group_pool=args.group_pool,
-        )
-        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-        prompts = _read_prompts(args)
-        engine = Engine.load(args.model, device=args.device, backend=args.backend, cuda_graphs=args.cuda_graphs)
-        if args.compile:
-            engine.model.compile_decode()
-        chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
-        stream = len(prompts) == 1
+    # Everything that can be checked without the model is checked first.
+    resa = ResaConfig(
+        mode=args.mode, block_size=args.block_size, active_ratio=args.active_ratio,
+        min_blocks=args.min_blocks, local_blocks=args.local_blocks,
+        rectify_every=args.rectify_every, rectify_variant=args.rectify_variant,
+        prefill_chunk=args.prefill_chunk, group_pool=args.group_pool,
+    )
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=args.max_new_tokens)
+    stop = validate.check_stop(args.stop)
+    device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
+    _check_model_path(args.model)
+    prompts = _read_prompts(args)
 
-        def on_text(row: int, piece: str) -> None:
+    engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs)
+    if engine.tokenizer is None:
+        raise _no_tokenizer(args.model)
+    if args.compile:
+        engine.model.compile_decode()
+    chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
+    stream = len(prompts) == 1
+    partial = [[] for _ in prompts]
+
+    def on_text(row: int, piece: str) -> None:
+        partial[row].append(piece)
+        if stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
+    try:
         result = engine.generate(
-            prompts, chat=chat, stop=args.stop, on_text=on_text if stream else None,
+            prompts, chat=chat, stop=stop, on_text=on_text,
             resa=resa, sampling=sampling, max_new_tokens=args.max_new_tokens,
         )
-    except (ConfigError, LoaderError, PromptTooLongError, ValueError) as exc:
-        print(f"resa generate: error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException:
+        # Interrupted or failed part-way: what was generated is not lost.
+        if stream:
+            if partial[0]:
+                print(flush=True)
+        elif any(partial):
+            for i, pieces in enumerate(partial):
+                print(f"=== [{i}] (interrupted)\n{''.join(pieces)}")
+            sys.stdout.flush()
+        raise
     if stream:
         print()
     else:
@@ -120,20 +199,33 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed benchmarks (GPU)")
     bsub = p.add_subparsers(dest="bench", required=True)
     k = bsub.add_parser("kernels", help="selection + sparse attention vs SDPA dense decode, per layer")
+    e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
+    try:
+        from .bench import e2e as e2e_mod
+        from .bench import kernels as kernels_mod
+    except Exception as exc:  # noqa: BLE001 -- a broken benchmark module must not break `resa generate`
+        reason = f"{type(exc).__name__}: {exc}"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            raise ResaError(f"the benchmarks cannot be loaded ({reason}); reinstall resa with its GPU extra "
+                            "(pip install -e '.[gpu]')")
+
+        for parser in (k, e):
+            parser.add_argument("rest", nargs=argparse.REMAINDER)
+            parser.set_defaults(func=unavailable)
+        return
 
     def run_kernels(args: argparse.Namespace) -> int:
-        from .bench import kernels
+        return kernels_mod.run(args) or 0
 
-        return kernels.run(args) or 0
-
-    from .bench import e2e as e2e_mod
-    from .bench import kernels as kernels_mod
+    def run_e2e(args: argparse.Namespace) -> int:
+        e2e_mod.run(args)
+        return 0
 
     kernels_mod.add_arguments(k)
     k.set_defaults(func=run_kernels)
-    e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
     e2e_mod.add_arguments(e)
-    e.set_defaults(func=lambda args: (e2e_mod.run(args), 0)[1])
+    e.set_defaults(func=run_e2e)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -145,7 +237,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resa", description="Rectified Sparse Attention: fast, near-lossless long-context decoding.",
+        epilog="Errors end as one line on stderr (exit 2: bad argument or input, 1: other failure, "
+               "130: interrupted); --debug or RESA_DEBUG=1 shows the traceback.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="let errors through with their Python traceback (also: RESA_DEBUG=1); "
+                             "accepted anywhere before --")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
@@ -153,9 +250,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    parts = ["resa", getattr(args, "command", None), getattr(args, "task", None), getattr(args, "bench", None)]
+    return " ".join(p for p in parts if p)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _oom_message(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+    return (f"out of memory ({_one_line(first)[:200]}); use fewer or shorter prompts, a smaller "
+            "-n/--max-new-tokens or --prefill-chunk, or a machine with more memory")
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line the command line prints for `exc`, and the exit status."""
+    import torch
+
+    if isinstance(exc, ResaError):
+        return _one_line(exc), exc.exit_code
+    if isinstance(exc, UnicodeDecodeError):
+        return _one_line(f"input is not valid UTF-8 text ({exc.reason} at offset {exc.start}); convert it to "
+                         "UTF-8"), EXIT_USAGE
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return _oom_message(exc), EXIT_RUNTIME
+    if isinstance(exc, ValueError):  # argument errors of code outside resa's family (e.g. too long a prompt)
+        return _one_line(exc), EXIT_USAGE
+    if isinstance(exc, OSError):
+        name = f"{exc.filename}: " if exc.filename else ""
+        return _one_line(f"{name}{exc.strerror or exc}"), EXIT_RUNTIME
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return _oom_message(exc), EXIT_RUNTIME
+    return _one_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                     "and report it)"), EXIT_RUNTIME
+
+
+def run_guarded(name: str, fn: Callable[[], int | None], debug: bool = False) -> int:
+    """Run one command: its errors become one line on stderr and an exit status (see the module
+    docstring); with debug they propagate unchanged."""
+    if debug:
+        return fn() or 0
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        _flush()
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- the boundary: nothing escapes as a traceback
+        _flush()
+        message, code = error_line(exc)
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take every --debug before a '--' out of argv, so it works after the subcommand too."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    return [a for i, a in enumerate(argv) if not (i < end and a == "--debug")], debug
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("RESA_DEBUG", "") not in ("", "0")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_guarded(_command_name(args), lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

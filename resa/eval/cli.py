@@ -1,4 +1,10 @@
-"""`resa eval <task>`: argument parsing for the evaluation harness; the work is in the task modules."""
+"""`resa eval <task>`: argument parsing for the evaluation harness; the work is in the task modules.
+
+Arguments are checked before any model is loaded: sizes and --threads are positive integers
+(argparse reports the bad one), --model is a known short name or an existing path, --out is a
+folder (created when missing). Errors then pass through the command line's one error boundary
+(`resa.cli.run_guarded`).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,70 @@ import argparse
 from pathlib import Path
 
 from ..config import GROUP_POOLS
+from ..errors import UsageError
+
+MODEL_NAMES = ("smollm2", "qwen-coder")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v)
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.05,0.1, got {text!r}") from None
+    if not values or not all(0 < v and v == v and v != float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 def _xs(text: str) -> tuple[int, ...]:
     """'32,64,L' -> (32, 64, 0); 0 stands for L (sparse only)."""
-    return tuple(0 if v.strip().upper() == "L" else int(v) for v in text.split(",") if v)
+    try:
+        values = tuple(0 if v.strip().upper() == "L" else int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts or L, such as 32,64,L, "
+                                         f"got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts >= 1 or L, got {text!r}")
+    return values
+
+
+def check_model(name: str | None) -> None:
+    """--model must be a short name or an existing .gguf file / HF folder."""
+    if name in (None, "") or name in MODEL_NAMES:
+        return
+    p = Path(name).expanduser()
+    if not p.exists():
+        looks_like_path = any(c in name for c in "/\\.") or name.endswith(".gguf")
+        what = "no such file or folder" if looks_like_path else "unknown model name"
+        raise UsageError(f"--model {name}: {what}; use one of {', '.join(MODEL_NAMES)}, a .gguf file or a "
+                         "Hugging Face model folder")
+
+
+def check_out(out: str, create: bool) -> Path:
+    """--out: a folder; created (with its parents) when create, else it must exist."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; pass a folder for the results")
+    if not p.exists():
+        if not create:
+            raise UsageError(f"--out {out}: no such folder; pass the results folder the evals wrote "
+                             "(default evals/)")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); pass a "
+                             "writable folder") from exc
+    return p
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -23,13 +84,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evals", help="results folder (default evals/)")
     p.add_argument("--name", default=None, help="run file name (default: task + size)")
     p.add_argument("--quick", action="store_true", help="tiny sizes on built-in text (CI smoke test)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _blocks(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    p.add_argument("--min-blocks", type=int, default=16, help="fewest blocks a sparse step keeps (default 16)")
+    p.add_argument("--block-size", type=_positive, default=16, help="KV block size in tokens (default 16)")
+    p.add_argument("--min-blocks", type=_positive, default=16, help="fewest blocks a sparse step keeps (default 16)")
 
 
 def _block_tag(s) -> str:
@@ -44,20 +105,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     lm = tasks.add_parser("lm-sim", help="next-token accuracy with the last x tokens' KV sparse-made")
     _common(lm)
-    lm.add_argument("--length", type=int, default=8192, help="L, tokens of context (default 8192)")
+    lm.add_argument("--length", type=_positive, default=8192, help="L, tokens of context (default 8192)")
     lm.add_argument("--xs", type=_xs, default=(32, 64, 128, 256, 1024, 0),
                     help="sparse suffix lengths, L = sparse only (default 32,64,128,256,1024,L)")
     lm.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="active ratios")
-    lm.add_argument("--sequences", type=int, default=8)
-    lm.add_argument("--batch", type=int, default=8, help="texts run together")
+    lm.add_argument("--sequences", type=_positive, default=8)
+    lm.add_argument("--batch", type=_positive, default=8, help="texts run together")
     lm.add_argument("--corpora", default="essays,bible,shakespeare,code")
     lm.set_defaults(func=_lm_sim)
 
     dr = tasks.add_parser("drift", help="free greedy generation: dense vs sparse vs ReSA")
     _common(dr)
-    dr.add_argument("--prompt-tokens", type=int, default=2048)
-    dr.add_argument("--new-tokens", type=int, default=1024)
-    dr.add_argument("--prompts", type=int, default=4)
+    dr.add_argument("--prompt-tokens", type=_positive, default=2048)
+    dr.add_argument("--new-tokens", type=_positive, default=1024)
+    dr.add_argument("--prompts", type=_positive, default=4)
     dr.add_argument("--ratio", type=float, default=0.1)
     dr.add_argument("--rectify-every", type=int, default=32)
     dr.add_argument("--modes", default="dense,sparse,resa-paper,resa-fused")
@@ -66,10 +127,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rt = tasks.add_parser("retrieval", help="RULER-style retrieval in essays: dense vs ReSA answers")
     _common(rt)
-    rt.add_argument("--length", type=int, default=4096, help="tokens per sample, prompt + answer (default 4096)")
+    rt.add_argument("--length", type=_positive, default=4096, help="tokens per sample, prompt + answer (default 4096)")
     rt.add_argument("--tasks", default="single,multikey,multivalue,vt,cwe")
-    rt.add_argument("--samples", type=int, default=20, help="samples per task")
-    rt.add_argument("--batch", type=int, default=1,
+    rt.add_argument("--samples", type=_positive, default=20, help="samples per task")
+    rt.add_argument("--batch", type=_positive, default=1,
                     help="samples prefilled and decoded together (default 1; rows keep their own lengths)")
     rt.add_argument("--ratios", type=_floats, default=(0.05, 0.1, 0.2), help="ReSA active ratios")
     rt.add_argument("--rectify-every", type=int, default=32)
@@ -82,10 +143,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gs = tasks.add_parser("gsm8k", help="few-shot chain-of-thought GSM8K: dense vs ReSA, exact match")
     _common(gs)
-    gs.add_argument("--items", type=int, default=64, help="scored test items")
+    gs.add_argument("--items", type=_positive, default=64, help="scored test items")
     gs.add_argument("--shots", type=int, default=8, help="worked examples (first test items, not scored)")
-    gs.add_argument("--batch", type=int, default=16)
-    gs.add_argument("--max-new", type=int, default=256)
+    gs.add_argument("--batch", type=_positive, default=16)
+    gs.add_argument("--max-new", type=_positive, default=256)
     gs.add_argument("--ratios", type=_floats, default=(0.1,), help="ReSA active ratios")
     gs.add_argument("--rectify-every", type=int, default=32)
     gs.set_defaults(func=_gsm8k)
@@ -93,11 +154,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     se = tasks.add_parser("selection", help="attention mass and needle kept by the block selection (why retrieval "
                                             "succeeds or fails)")
     _common(se)
-    se.add_argument("--length", type=int, default=4096, help="tokens per sample, as in retrieval (default 4096)")
+    se.add_argument("--length", type=_positive, default=4096, help="tokens per sample, as in retrieval (default 4096)")
     se.add_argument("--tasks", default="single", help="needle tasks: single, multikey, multivalue")
-    se.add_argument("--samples", type=int, default=10, help="samples per task")
+    se.add_argument("--samples", type=_positive, default=10, help="samples per task")
     se.add_argument("--ratio", type=float, default=0.1, help="active ratio (the budget of every variant)")
-    se.add_argument("--steps", type=int, default=4, help="dense answer steps analysed per sample")
+    se.add_argument("--steps", type=_positive, default=4, help="dense answer steps analysed per sample")
     se.add_argument("--seed", type=int, default=0)
     _blocks(se)
     se.set_defaults(func=_selection)
@@ -116,6 +177,8 @@ def _open(args: argparse.Namespace, task: str, settings: dict, default_name: str
     from .models import file_sha256, load_engine, resolve_model
     from .store import RunStore, versions
 
+    check_model(args.model)
+    check_out(args.out, create=True)
     path = resolve_model(args.model)
     engine = load_engine(path, args.threads)
     meta = {"model": path.name, "model_sha256": file_sha256(path), "versions": versions()}
@@ -222,11 +285,16 @@ def _compare(args: argparse.Namespace) -> int:
     for spec in (args.a, args.b):
         path, sep, cond = spec.rpartition(":")
         if not sep or not Path(path).is_file():
-            raise SystemExit(f"resa eval compare: expected FILE:CONDITION with an existing lm-sim run file, got {spec!r}")
-        sides.append((json.loads(Path(path).read_text(encoding="utf-8"))["cells"], cond))
+            raise UsageError(f"expected FILE:CONDITION with an existing lm-sim run file, got {spec!r}")
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            cells = data["cells"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path} is not an lm-sim run file ({type(exc).__name__}: {exc})") from exc
+        sides.append((cells, cond))
     gap = paired_gap(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
     if not gap["texts"]:
-        raise SystemExit("resa eval compare: the two conditions share no scored texts")
+        raise UsageError("the two conditions share no scored texts")
     print(f"{args.a} minus {args.b}, {gap['texts']} shared texts: top-1 {fmt_ci(*gap['top1'])} pp, "
           f"top-3 {fmt_ci(*gap['top3'])} pp, NLL {fmt_ci(*gap['nll'], scale=1, digits=3)} nats/token")
     return 0
@@ -235,6 +303,6 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(Path(args.out))
+    path = write_report(check_out(args.out, create=False))
     print(f"wrote {path}")
     return 0
