@@ -330,3 +330,93 @@ def test_no_cache_env(tmp_path, monkeypatch):
     cfg = tiny_config("llama")
     _load(write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg)))
     assert not (tmp_path / "xdg").exists()
+
+
+def _flip_payload_byte(cache: Path, from_end: int = 1000) -> None:
+    """Damage one byte of tensor data (the payload sits after the safetensors header)."""
+    data = bytearray(cache.read_bytes())
+    data[-from_end] ^= 0x40
+    cache.write_bytes(bytes(data))
+
+
+def test_damaged_cache_payload_is_caught_and_rebuilt(tmp_path, monkeypatch):
+    cfg = tiny_config("llama")
+    tensors = random_tensors(cfg)
+    path = write_gguf(tmp_path / "m.gguf", cfg, tensors)
+    _load(path)
+    cache = conversion_cache_path(path)
+    _flip_payload_byte(cache)
+    # The damaged entry still parses: only the checksum can tell.
+    from safetensors.torch import load_file
+    assert len(load_file(str(cache))) == len(tensors)
+    with pytest.warns(UserWarning, match="is damaged .* does not match its checksum.*rebuilding"):
+        _, got, _ = _load(path)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+    def refuse(_):
+        raise AssertionError("the rebuilt cache entry was not used")
+
+    monkeypatch.setattr(loader, "load_gguf", refuse)
+    _, again, _ = _load(path)  # the rebuilt entry is valid: read without converting again
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+
+
+def test_damaged_cache_metadata_is_caught(tmp_path):
+    """The checksum covers the tokenizer and config strings too, not only the tensors."""
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    _load(path)
+    cache = conversion_cache_path(path)
+    data = cache.read_bytes()
+    cache.write_bytes(data.replace(b"<|im_start|>", b"<|im_stArt|>", 1))
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        _, _, tok = _load(path)
+    assert tok.token_to_id("<|im_start|>") == 1
+
+
+def test_cache_temp_files_are_written_next_to_the_entry_and_swept(tmp_path, monkeypatch):
+    cfg = tiny_config("llama")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    cache = conversion_cache_path(path)
+    folder = cache.parent
+    folder.mkdir(parents=True)
+    seen = []
+    real_save = loader.os.replace
+
+    def spy(src, dst):
+        seen.append(Path(src))
+        return real_save(src, dst)
+
+    monkeypatch.setattr(loader.os, "replace", spy)
+    host = loader._host_tag()
+    dead = subprocess_dead_pid()
+    leftovers = {
+        "dead-writer": folder / f"{cache.stem}.{host}.{dead}.abc123.tmp",  # killed part-way
+        "old-legacy": folder / f"{cache.stem}xyz.tmp",                      # older code, an hour old
+    }
+    kept = {
+        "live-writer": folder / f"{cache.stem}.{host}.{os.getppid()}.def456.tmp",  # still writing
+        "fresh-legacy": folder / f"{cache.stem}uvw.tmp",                              # may be in use
+        "other-host": folder / f"{cache.stem}.otherhost.{dead}.ghi789.tmp",
+    }
+    for f in [*leftovers.values(), *kept.values()]:
+        f.write_bytes(b"x" * 100)
+    old = os.stat(leftovers["old-legacy"]).st_mtime - loader.STALE_TEMP_SECONDS - 60
+    os.utime(leftovers["old-legacy"], (old, old))
+    _load(path)
+    assert seen and seen[0].parent == folder and seen[0].name.startswith(f"{cache.stem}.{host}.{os.getpid()}.")
+    for name, f in leftovers.items():
+        assert not f.exists(), name
+    for name, f in kept.items():
+        assert f.exists(), name
+    assert cache.is_file()
+
+
+def subprocess_dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -274,3 +274,50 @@ def test_check_tensors_reports_expected_and_got():
     tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
     with pytest.raises(LoaderError, match=r"q_norm.weight has shape \[8\], expected \[16\]"):
         check_tensors(cfg, tensors)
+
+
+# ---- integrity ----------------------------------------------------------------------------------
+
+def test_huge_but_finite_weights_are_accepted(tmp_path):
+    """The finite check sums first; a sum that overflows from finite values must not be taken for a NaN."""
+    raw = hf_config_dict("llama")
+    cfg = ModelConfig.from_hf(raw)
+    tensors = random_tensors(cfg)
+    tensors["model.embed_tokens.weight"].fill_(3e38)  # the sum overflows to inf, every value is finite
+    ck = load_checkpoint(write_hf_folder(tmp_path / "m", raw, tensors))
+    assert float(ck.tensors["model.embed_tokens.weight"][0, 0]) == pytest.approx(3e38)
+
+
+def test_nan_in_a_shard_names_that_shard(tmp_path):
+    raw = hf_config_dict("llama")
+    cfg = ModelConfig.from_hf(raw)
+    tensors = random_tensors(cfg)
+    tensors["model.layers.1.input_layernorm.weight"][0] = float("-inf")
+    folder = write_hf_folder(tmp_path / "m", raw, tensors, shards=3)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = index["model.layers.1.input_layernorm.weight"]
+    with pytest.raises(LoaderError, match=rf"{shard}: tensor model.layers.1.input_layernorm.weight holds 1 "
+                                          r"non-finite value\(s\) of 32 \(first: -inf at flat index 0\)"):
+        load_checkpoint(folder)
+
+
+def test_model_vocabulary_larger_than_the_tokenizer_is_fine(tmp_path):
+    """Padded embedding tables (vocab_size > tokenizer ids) are common and valid."""
+    raw = hf_config_dict("llama", vocab_size=VOCAB + 30)
+    cfg = ModelConfig.from_hf(raw)
+    ck = load_checkpoint(write_hf_folder(tmp_path / "m", raw, random_tensors(cfg)))
+    assert ck.config.vocab_size == VOCAB + 30 and ck.tokenizer.vocab_size == VOCAB
+
+
+def test_tokenizer_eos_outside_vocabulary(tmp_path):
+    folder, _, _ = make_checkpoint(tmp_path)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, VOCAB + 5]}))
+    with pytest.raises(LoaderError, match=rf"EOS token id {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
+        load_checkpoint(folder)
+
+
+def test_malformed_config_errors_name_the_file(tmp_path):
+    folder, _, _ = make_checkpoint(tmp_path)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict("llama", num_hidden_layers=-2)))
+    with pytest.raises(ConfigError, match=r"ckpt[/\\]config.json: field 'num_hidden_layers' must be a positive integer, got -2"):
+        load_checkpoint(folder)

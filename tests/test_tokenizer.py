@@ -180,3 +180,27 @@ def test_sentencepiece_gguf_vocab():
     ids = tok.encode("hello é hello", add_bos=False)
     stream = StreamDecoder(tok)
     assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids) == "hello é hello"
+
+
+# ---- malformed tokenizer folders ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,content,match", [
+    ("tokenizer_config.json", "[]", r"tokenizer_config.json: must hold a JSON object"),
+    ("tokenizer_config.json", "{", r"tokenizer_config.json: not valid JSON"),
+    ("config.json", '{"eos_token_id": [2, "x"]}', r"config.json: field 'eos_token_id' must be a token id"),
+    ("config.json", '{"bos_token_id": -1}', r"config.json: field 'bos_token_id' must be a token id"),
+    ("tokenizer_config.json", '{"chat_template": 5}', r"the chat template must be a string"),
+])
+def test_malformed_tokenizer_files(tmp_path, name, content, match):
+    tiny_hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LoaderError, match=match):
+        Tokenizer.from_hf_folder(tmp_path)
+
+
+def test_named_chat_templates_skip_malformed_entries(tmp_path):
+    tiny_hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": ["junk", {"name": "default", "template": "{{ messages[0]['content'] }}"}]}))
+    tok = Tokenizer.from_hf_folder(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
