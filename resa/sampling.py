@@ -51,7 +51,11 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """logits: [B, V] -> next token ids [B] (int64)."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / cfg.temperature
+    # Shift by the row maximum first, so the best token scores 0 whatever the temperature; and
+    # hold the temperature above 1e-30 (it becomes 0 in fp32 below ~1e-45: 0/0 = NaN). Below that
+    # every distinct fp32 logit gap is already worth > 1e20 nats, so the distribution is the same.
+    logits = logits.float()
+    scores = (logits - logits.amax(dim=-1, keepdim=True)) / max(cfg.temperature, 1e-30)
     if cfg.top_k and cfg.top_k < scores.shape[-1]:
         kth = torch.topk(scores, cfg.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
