@@ -1,32 +1,49 @@
-"""Attention entry points of the model: the one place a backend (torch or Triton) is chosen.
+"""The attention side of a forward pass: the one place a backend (torch reference or Triton) is
+chosen, for the K/V writes and summary maintenance as well as for attention itself.
 
-- `dense_attention`: a chunk of queries per row over that row's cache (prefill, rectification,
-  dense decode).
-- `chunk_attention`: the same for a short chunk with device-side positions only (the rectification
-  pass as a CUDA graph captures it).
-- `plan_sparse` + `sparse_decode_attention`: one decode query per row over the blocks GBSA selects.
+- `write_kv`: store a span's keys/values of one layer and bring its block summaries up to date.
+- `attend`: attention of the span's queries: dense causal (prefill chunks, rectification windows,
+  dense decode) or GBSA block-sparse (one decode token per row: `plan_sparse` then
+  `sparse_decode_attention`).
 
-The torch backend is exact fp32 math (CPU, and the fallback everywhere); the Triton backend is used
-on CUDA devices when `resa.kernels` is importable.
+The torch backend is fp32 reference math (`resa.ref`); the Triton backend runs `resa.kernels`
+(on CUDA, or on CPU under Triton's interpreter, TRITON_INTERPRET=1). Spans without host mirrors
+(the passes CUDA graphs capture) never synchronise with the host on the Triton backend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .cache import Span
+from .cache import KVCache, Span
 from .config import ResaConfig
 from .ref.attention import dense_attention_ref, sparse_decode_ref
 from .ref.selection import block_budget, select_blocks_ref
+from .ref.summaries import refresh_summaries_ref, update_summaries_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
+# Chunks up to this many queries per row use the Triton chunk kernel (rectification windows);
+# longer ones (prefill chunks) use SDPA, which is faster there.
+CHUNK_KERNEL_MAX = 128
+
+# Called as observe(layer, q) with each layer's post-RoPE queries [B, H, T, D] (diagnostics).
+QueryObserver = Callable[[int, torch.Tensor], None]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA when the kernels import, else "torch"."""
+    """"auto" -> "triton" on CUDA when the kernels import, else "torch". "triton" on CPU needs
+    Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -37,13 +54,99 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         except ImportError:
             return "torch"
         return "triton"
-    if backend == "triton" and device.type != "cuda":
-        raise ValueError("the triton attention backend needs a CUDA device; use backend='torch' on CPU")
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1); "
+                         "use backend='torch' on CPU")
     return backend
 
 
+# ---- writes ----
+
+def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, span: Span, backend: str) -> None:
+    """Store the span's keys/values of one layer and update that layer's block summaries.
+
+    k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written). One
+    appended token per row folds into its block summary incrementally; longer writes recompute
+    exactly the blocks they touch. A span that is not full needs its host mirrors.
+    """
+    k_l, v_l = cache.k[layer], cache.v[layer]
+    k_new, v_new = k_new.to(k_l.dtype), v_new.to(v_l.dtype)
+    B, _, T, _ = k_new.shape
+    cols = torch.arange(T, device=k_new.device)
+    if span.full:
+        rows = torch.arange(B, device=k_new.device)[:, None]
+        pos = span.start_t[:, None] + cols[None, :]
+        # Advanced indices on dims 0 and 2 put the (B, T) index dims first: values are [B, T, HKV, D].
+        k_l[rows, :, pos] = k_new.transpose(1, 2)
+        v_l[rows, :, pos] = v_new.transpose(1, 2)
+    else:
+        if not span.on_host:
+            raise ValueError("a ragged span (not every row writes every column) needs host mirrors")
+        r, t = (cols[None, :] < span.n_valid_t[:, None]).nonzero(as_tuple=True)
+        pos = span.start_t[r] + t
+        k_l[r, :, pos] = k_new[r, :, t]
+        v_l[r, :, pos] = v_new[r, :, t]
+    if T == 1:
+        kmin, kmax, bs = cache.kmin[layer], cache.kmax[layer], cache.block_size
+        positions = span.start_t if span.full else torch.where(span.n_valid_t > 0, span.start_t, -1)
+        if backend == "triton":
+            from .kernels import update_summaries
+
+            update_summaries(k_new[:, :, 0].contiguous(), kmin, kmax, positions, bs)
+        else:
+            update_summaries_ref(k_new[:, :, 0], kmin, kmax, positions, bs)
+    else:
+        refresh_layer_summaries(cache, layer, span.start_t, span.end_t, backend)
+
+
+def refresh_layer_summaries(cache: KVCache, layer: int, start: torch.Tensor, end: torch.Tensor, backend: str) -> None:
+    """Recompute the summaries of exactly the blocks positions [start[b], end[b]) touch in one
+    layer, from the keys below end[b] (start, end: [B] device tensors)."""
+    k, kmin, kmax = cache.k[layer], cache.kmin[layer], cache.kmax[layer]
+    if backend == "triton":
+        from .kernels import refresh_summaries
+
+        refresh_summaries(k, kmin, kmax, start, end, cache.block_size)
+    else:
+        refresh_summaries_ref(k, kmin, kmax, start, end, cache.block_size)
+
+
+# ---- attention ----
+
+def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: ResaConfig | None,
+           backend: str) -> torch.Tensor:
+    """Attention of the span's queries q [B, H, T, D] (post-RoPE; the span's K/V already written)
+    over each row's cache in `layer`. sparse: None for dense causal attention, else the ReSA
+    settings of a block-sparse decode step (T = 1). Returns [B, H, T, D] in q's dtype (any
+    strides); ignored columns t >= n_valid[b] hold finite values of no meaning."""
+    k, v = cache.k[layer], cache.v[layer]
+    B, H, T, D = q.shape
+    if sparse is not None:
+        if T != 1:
+            raise ValueError(f"sparse attention decodes one token per row, got a chunk of {T}")
+        lengths = span.end_t
+        plan = plan_sparse(q[:, :, 0], cache.kmin[layer], cache.kmax[layer], lengths, sparse, backend,
+                           cache.plan_buffers(num_slots(cache.num_blocks, sparse), backend == "triton"))
+        return sparse_decode_attention(q[:, :, 0], k, v, lengths, plan, cache.block_size, backend)[:, :, None]
+    if backend == "triton":
+        if T == 1:
+            # Dense decode through the split-K decode kernel with every written block selected.
+            lengths = span.end_t
+            plan = full_plan(lengths, cache.num_kv_heads, cache.num_blocks, cache.block_size)
+            return sparse_decode_attention(q[:, :, 0], k, v, lengths, plan, cache.block_size, backend)[:, :, None]
+        if T <= CHUNK_KERNEL_MAX or not span.on_host:
+            from .kernels import chunk_attention as kernel
+
+            # [B, T, H, D] storage seen as [B, H, T, D]: the output projection reads it without a copy.
+            out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+            return kernel(q, k, v, span.start_t, span.n_valid_t, out=out)
+    if span.on_host:
+        return dense_attention(q, k, v, span)
+    return dense_attention_ref(q, k, v, span.start_t, span.n_valid_t).to(q.dtype)
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> torch.Tensor:
-    """Causal attention of the span's queries over each row's cache.
+    """Causal attention of an eager span's queries over each row's cache, by SDPA.
 
     q: [B, H, T, D] (query t of row b at position span.start[b] + t); k, v: [B, HKV, Nmax, D] with
     the span already written. Query t of row b sees keys j <= start[b] + t, j < span.end[b].
@@ -51,7 +154,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     < span.end[b] are read.
     """
     T = q.shape[2]
-    if len(set(span.start)) == 1 and all(n == T for n in span.n_valid):
+    if len(set(span.start)) == 1 and span.full:
         # Rows aligned (prefill of equal prompts, rectification of a batch): one call.
         return _causal_sdpa(q, k[:, :, :span.end[0]], v[:, :, :span.end[0]])
     # Ragged rows: one call per row over exactly its valid queries and keys, so slots past a row's
@@ -77,23 +180,9 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-                    n_valid: torch.Tensor, backend: str = "torch", out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of T queries per row at positions start[b] + t (device tensors; the
-    chunk's K/V already written) over each row's cache; no host synchronisation on the Triton
-    backend. q: [B, H, T, D]; k, v: [B, HKV, Nmax, D]. Returns [B, H, T, D] in q's dtype (into
-    `out` when given)."""
-    if backend == "triton":
-        from .kernels import chunk_attention as kernel
-
-        return kernel(q, k, v, start, n_valid, out=out)
-    res = dense_attention_ref(q, k, v, start, n_valid).to(q.dtype)
-    return res if out is None else out.copy_(res)
-
-
 @dataclass
 class SparsePlan:
-    """The blocks each (row, KV head) attends to in one decode step, shared by all layers' shapes.
+    """The blocks each (row, KV head) attends to in one decode step of one layer.
 
     block_table: [B, HKV, S] int32, ascending block ids then -1; num_selected: [B] int32.
     """
@@ -108,18 +197,13 @@ def num_slots(capacity_blocks: int, resa: ResaConfig) -> int:
     return block_budget(capacity_blocks, resa.active_ratio, resa.min_blocks)
 
 
-def plan_sparse(
-    q: torch.Tensor,
-    kmin: torch.Tensor,
-    kmax: torch.Tensor,
-    lengths: torch.Tensor,
-    resa: ResaConfig,
-    backend: str = "torch",
-) -> SparsePlan:
-    """Select blocks for one decode step of one layer (DESIGN.md 1.2 steps 2-6).
+def plan_sparse(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor,
+                resa: ResaConfig, backend: str = "torch", buffers=None) -> SparsePlan:
+    """Select blocks for one decode step of one layer (docs/method.md 2.2-2.6).
 
     q: [B, H, D] post-RoPE queries; kmin, kmax: [B, HKV, NBmax, D]; lengths: [B] (current token
-    included). The table has num_slots(NBmax) columns.
+    included). The table has num_slots(NBmax) columns. buffers: a `resa.cache.PlanBuffers` the plan
+    is written into (preallocated, so a CUDA graph captures fixed addresses); None allocates.
     """
     slots = num_slots(kmin.shape[2], resa)
     kwargs = dict(block_size=resa.block_size, active_ratio=resa.active_ratio, min_blocks=resa.min_blocks,
@@ -127,21 +211,18 @@ def plan_sparse(
     if backend == "triton":
         from .kernels import select_blocks
 
+        if buffers is not None:
+            kwargs.update(workspace=buffers.workspace, out=(buffers.block_table, buffers.num_selected))
         table, n = select_blocks(q, kmin, kmax, lengths, **kwargs)
     else:
         table, n = select_blocks_ref(q, kmin, kmax, lengths, **kwargs)
+        if buffers is not None:
+            table, n = buffers.block_table.copy_(table), buffers.num_selected.copy_(n)
     return SparsePlan(table, n)
 
 
-def sparse_decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    plan: SparsePlan,
-    block_size: int,
-    backend: str = "torch",
-) -> torch.Tensor:
+def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                            plan: SparsePlan, block_size: int, backend: str = "torch") -> torch.Tensor:
     """Attention of one query per row over the planned blocks.
 
     q: [B, H, D]; k, v: [B, HKV, Nmax, D]; lengths: [B] (current token included).
@@ -162,4 +243,3 @@ def full_plan(lengths: torch.Tensor, num_kv_heads: int, capacity_blocks: int, bl
     table = torch.where(ids[None, :] < nb[:, None], ids[None, :], -1)
     table = table[:, None, :].expand(-1, num_kv_heads, -1)
     return SparsePlan(table, nb.to(torch.int32))
-

@@ -1,4 +1,9 @@
-"""Static KV cache with per-row lengths and per-block key min/max summaries."""
+"""KV cache storage (K/V, per-block key min/max summaries, device-side row lengths) and the
+descriptor of where one forward pass writes (`Span`).
+
+The cache only stores; how K/V and summaries are written (torch reference or Triton kernels) is
+chosen in `resa.attention`, and the host copy of the row lengths belongs to `resa.runner.Runner`.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +14,54 @@ import torch
 
 @dataclass(frozen=True)
 class Span:
-    """Where one forward pass writes in each row of the cache.
+    """Where one forward pass writes in each row of the cache (the attention-batch descriptor).
 
     Row b gets `n_valid[b]` new tokens at positions start[b] .. start[b] + n_valid[b] - 1 (inputs
-    are padded to T columns; columns >= n_valid[b] are ignored). After the pass row b holds exactly
-    start[b] + n_valid[b] tokens: writes always end at the end of a row (append, or overwrite of the
-    newest tokens during rectification).
-    Host tuples drive the loops; the device tensors feed kernels without a host sync.
+    are padded to `width` columns; columns >= n_valid[b] are ignored). After the pass row b holds
+    exactly start[b] + n_valid[b] tokens: writes always end at the end of a row (append, or
+    overwrite of the newest tokens during rectification).
+
+    start_t, n_valid_t: [B] int64 device tensors (what kernels read, no host sync). `start` and
+    `n_valid` are their host mirrors, present on eager passes and None on passes a CUDA graph
+    captures (device-only spans, built by `Span.on_device`). `full`: every row writes all
+    `width` columns (decode steps and rectification windows).
     """
 
-    start: tuple[int, ...]
-    n_valid: tuple[int, ...]
-    width: int
     start_t: torch.Tensor
     n_valid_t: torch.Tensor
+    width: int
+    full: bool
+    start: tuple[int, ...] | None = None
+    n_valid: tuple[int, ...] | None = None
 
     @classmethod
-    def make(cls, start: list[int], n_valid: list[int], width: int, device: torch.device | str) -> "Span":
+    def make(cls, start, n_valid, width: int, device: torch.device | str) -> "Span":
+        """A span with host mirrors (eager passes)."""
+        start, n_valid = tuple(int(s) for s in start), tuple(int(n) for n in n_valid)
         if len(start) != len(n_valid):
             raise ValueError("start and n_valid need one entry per row")
         if any(n < 0 or n > width for n in n_valid) or any(s < 0 for s in start):
             raise ValueError(f"invalid span: start={start}, n_valid={n_valid}, width={width}")
         return cls(
-            tuple(start), tuple(n_valid), width,
             torch.tensor(start, dtype=torch.int64, device=device),
             torch.tensor(n_valid, dtype=torch.int64, device=device),
+            width, all(n == width for n in n_valid), start, n_valid,
         )
+
+    @classmethod
+    def on_device(cls, start_t: torch.Tensor, width: int) -> "Span":
+        """A full span of `width` columns per row from device-side starts only (graph-capturable)."""
+        return cls(start_t, torch.full_like(start_t, width), width, True)
+
+    @property
+    def on_host(self) -> bool:
+        return self.start is not None
 
     @property
     def end(self) -> tuple[int, ...]:
-        """Row lengths after the pass."""
+        """Row lengths after the pass (host; eager spans only)."""
+        if self.start is None:
+            raise ValueError("a device-only span has no host row lengths")
         return tuple(s + n for s, n in zip(self.start, self.n_valid))
 
     @property
@@ -46,13 +69,28 @@ class Span:
         return self.start_t + self.n_valid_t
 
 
+@dataclass(frozen=True)
+class PlanBuffers:
+    """Preallocated outputs and scratch of the block selection of one decode step, reused by every
+    layer (each layer's plan is consumed before the next layer plans) and captured by CUDA graphs.
+
+    block_table: [B, HKV, S] int32; num_selected: [B] int32; workspace: the Triton selection's
+    scratch (None on the torch backend).
+    """
+
+    block_table: torch.Tensor
+    num_selected: torch.Tensor
+    workspace: object | None
+
+
 class KVCache:
     """Preallocated K/V for every layer plus block summaries.
 
     k, v: [L, B, HKV, Nmax, D]; kmin, kmax: [L, B, HKV, NBmax, D] with NBmax = ceil(Nmax / BS),
     the element-wise min/max of the post-RoPE keys of each block of BS tokens (the last block of a
-    row may be partial: its summary covers only the written tokens). lengths: [B] tokens per row.
-    With poison=True every buffer starts as NaN, so reading an unwritten slot shows up in tests.
+    row may be partial: its summary covers only the written tokens). lengths: [B] int64 tokens per
+    row, on the device. Buffers are allocated uninitialised: no slot at or past a row's length is
+    ever read (the test suite fills fresh buffers with NaN to prove it).
     """
 
     def __init__(
@@ -65,22 +103,20 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        poison: bool = False,
     ) -> None:
         if capacity < 1 or batch < 1:
             raise ValueError(f"cache needs capacity >= 1 and batch >= 1, got {capacity}, {batch}")
         self.block_size = block_size
         self.capacity = capacity
         self.num_blocks = -(-capacity // block_size)
-        fill = float("nan") if poison else 0.0
         kv_shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         sum_shape = (num_layers, batch, num_kv_heads, self.num_blocks, head_dim)
-        self.k = torch.full(kv_shape, fill, dtype=dtype, device=device)
-        self.v = torch.full(kv_shape, fill, dtype=dtype, device=device)
-        self.kmin = torch.full(sum_shape, fill, dtype=dtype, device=device)
-        self.kmax = torch.full(sum_shape, fill, dtype=dtype, device=device)
+        self.k = torch.empty(kv_shape, dtype=dtype, device=device)
+        self.v = torch.empty(kv_shape, dtype=dtype, device=device)
+        self.kmin = torch.empty(sum_shape, dtype=dtype, device=device)
+        self.kmax = torch.empty(sum_shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.host_lengths = [0] * batch
+        self._plans: dict[tuple[int, bool], PlanBuffers] = {}
 
     @staticmethod
     def bytes_needed(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
@@ -89,121 +125,40 @@ class KVCache:
         per_slot = 2 * num_layers * batch * num_kv_heads * head_dim * element_size
         return per_slot * (capacity + -(-capacity // block_size))
 
-    def reset(self) -> None:
-        """Empty every row (buffers and their addresses stay, so captured CUDA graphs stay valid;
-        stale slots past a row's length are never read)."""
-        self.lengths.zero_()
-        self.host_lengths = [0] * self.batch
-
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
     def bytes(self) -> int:
         """Bytes held by K, V and the summaries."""
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
 
-    def check_span(self, span: Span) -> None:
-        """Raise if the span writes past the capacity or leaves a gap after a row's tokens."""
-        for b, (s, e) in enumerate(zip(span.start, span.end)):
-            if e > self.capacity:
-                raise ValueError(f"row {b} needs {e} cache slots but the cache holds {self.capacity}")
-            if s > self.host_lengths[b]:
-                raise ValueError(f"row {b}: write at {s} would leave a gap after {self.host_lengths[b]} tokens")
+    def plan_buffers(self, num_slots: int, kernels: bool) -> PlanBuffers:
+        """The selection buffers for tables of `num_slots` columns, allocated on first use."""
+        key = (num_slots, kernels)
+        if key not in self._plans:
+            B, HKV, dev = self.batch, self.num_kv_heads, self.device
+            workspace = None
+            if kernels:
+                from .kernels import SelectionWorkspace
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, span: Span) -> None:
-        """Store the span's keys/values of one layer and bring that layer's summaries up to date.
+                workspace = SelectionWorkspace.allocate(B, HKV, self.num_blocks, dev)
+            self._plans[key] = PlanBuffers(torch.empty(B, HKV, num_slots, dtype=torch.int32, device=dev),
+                                           torch.empty(B, dtype=torch.int32, device=dev), workspace)
+        return self._plans[key]
 
-        k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written).
-        A single appended token updates its block summary incrementally; longer writes refresh
-        exactly the blocks they touch.
-        """
-        k_l, v_l = self.k[layer], self.v[layer]
-        if all(n == span.width for n in span.n_valid) and len(set(span.start)) == 1:
-            s = span.start[0]
-            k_l[:, :, s:s + span.width] = k_new
-            v_l[:, :, s:s + span.width] = v_new
-        else:
-            for b, (s, n) in enumerate(zip(span.start, span.n_valid)):
-                if n:
-                    k_l[b, :, s:s + n] = k_new[b, :, :n]
-                    v_l[b, :, s:s + n] = v_new[b, :, :n]
-        if k_l.is_cuda:
-            # One launch per layer instead of per-row loops of small torch ops.
-            from .kernels import refresh_summaries
-
-            refresh_summaries(k_l, self.kmin[layer], self.kmax[layer], span.start_t, span.end_t, self.block_size)
-        elif span.width == 1:
-            self._append_summary(layer, k_new[:, :, 0], span)
-        else:
-            self.refresh_summaries(layer, span.start, span.end)
-
-    def _append_summary(self, layer: int, k_tok: torch.Tensor, span: Span) -> None:
-        """Incremental update for one new token per row: min/max with the block's summary, or the
-        token itself when it opens a new block. k_tok: [B, HKV, D]."""
-        bs = self.block_size
-        for b, (s, n) in enumerate(zip(span.start, span.n_valid)):
-            if not n:
-                continue
-            blk = s // bs
-            if s % bs == 0:
-                self.kmin[layer, b, :, blk] = k_tok[b]
-                self.kmax[layer, b, :, blk] = k_tok[b]
-            else:
-                torch.minimum(self.kmin[layer, b, :, blk], k_tok[b], out=self.kmin[layer, b, :, blk])
-                torch.maximum(self.kmax[layer, b, :, blk], k_tok[b], out=self.kmax[layer, b, :, blk])
-
-    def refresh_summaries(self, layer: int, start: tuple[int, ...], end: tuple[int, ...]) -> None:
-        """Recompute the summaries of exactly the blocks that positions [start[b], end[b]) touch,
-        from the keys at positions < end[b] (the row's length after the write)."""
-        bs = self.block_size
-        for b, (s, e) in enumerate(zip(start, end)):
-            if e <= s:
-                continue
-            b0, b1 = s // bs, -(-e // bs)
-            keys = self.k[layer, b, :, b0 * bs:e]
-            pad = b1 * bs - e
-            kmin = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("inf"))
-            kmax = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf"))
-            hkv, d = keys.shape[0], keys.shape[-1]
-            self.kmin[layer, b, :, b0:b1] = kmin.view(hkv, b1 - b0, bs, d).amin(dim=2)
-            self.kmax[layer, b, :, b0:b1] = kmax.view(hkv, b1 - b0, bs, d).amax(dim=2)
-
-    # ---- device-side writes: no host data, so a CUDA graph can replay them ----
-
-    def write_at(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, start: torch.Tensor,
-                 use_kernels: bool = False) -> None:
-        """Store W new tokens per row at positions start[b] .. start[b] + W - 1 (start: [B] device
-        tensor; every row writes all W columns) and update that layer's summaries: incrementally
-        for W = 1, else a refresh of exactly the touched blocks. k_new, v_new: [B, HKV, W, D].
-        The caller guarantees start[b] + W <= capacity and that the row ends there."""
-        B, _, W, _ = k_new.shape
-        rows = torch.arange(B, device=k_new.device)[:, None]
-        pos = start[:, None] + torch.arange(W, device=k_new.device)[None, :]
-        # Advanced indices on dims 0 and 2 put the (B, W) index dims first: values are [B, W, HKV, D].
-        self.k[layer][rows, :, pos] = k_new.transpose(1, 2)
-        self.v[layer][rows, :, pos] = v_new.transpose(1, 2)
-        kmin, kmax = self.kmin[layer], self.kmax[layer]
-        if use_kernels:
-            from .kernels import refresh_summaries, update_summaries
-
-            if W == 1:
-                update_summaries(k_new[:, :, 0].contiguous(), kmin, kmax, start, self.block_size)
-            else:
-                refresh_summaries(self.k[layer], kmin, kmax, start, start + W, self.block_size)
-            return
-        if W != 1:
-            self.refresh_summaries(layer, tuple(start.tolist()), tuple((start + W).tolist()))
-            return
-        blk = start // self.block_size
-        fresh = (start % self.block_size == 0)[:, None, None]
-        k_tok = k_new[:, :, 0]
-        row = torch.arange(B, device=k_new.device)
-        old_min, old_max = kmin[row, :, blk], kmax[row, :, blk]
-        kmin[row, :, blk] = torch.where(fresh, k_tok, torch.minimum(old_min, k_tok))
-        kmax[row, :, blk] = torch.where(fresh, k_tok, torch.maximum(old_max, k_tok))
-
-    def commit(self, span: Span) -> None:
-        """Record the row lengths after a forward pass over `span` (called once, after all layers)."""
-        self.host_lengths = list(span.end)
-        self.lengths.copy_(span.end_t)
+    def copy(self) -> "KVCache":
+        """An independent copy (tensors and lengths; selection buffers are not shared)."""
+        L, B, HKV, cap, D = self.k.shape
+        out = KVCache(L, B, HKV, cap, D, self.block_size, self.k.dtype, self.device)
+        for name in ("k", "v", "kmin", "kmax", "lengths"):
+            getattr(out, name).copy_(getattr(self, name))
+        return out

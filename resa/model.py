@@ -12,7 +12,7 @@ from torch import nn
 from . import attention as attn
 from .cache import KVCache, Span
 from .config import ModelConfig, ResaConfig
-from .decode_layer import post_attention, pre_attention, project_qkv, rms_norm
+from .decode_layer import post_attention, pre_attention, rms_norm
 from .rope import rope_cos_sin, rope_frequencies
 
 
@@ -45,42 +45,6 @@ class Attention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         return _stacked(self, "_qkv", [p.weight for p in projs],
                         [p.bias for p in projs] if self.cfg.attention_bias else None)
-
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, hidden] -> post-RoPE q [B, H, T, D], k and v [B, HKV, T, D]."""
-        cfg = self.cfg
-        w, b = self.qkv_weights()
-        return project_qkv(
-            x, cfg.rms_norm_eps, w, b, self.q_norm.weight if cfg.qk_norm else None,
-            self.k_norm.weight if cfg.qk_norm else None, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-        )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        layer: int,
-        span: Span,
-        sparse: ResaConfig | None,
-        backend: str,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
-        cache.write(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), span)
-        if sparse is None:
-            out = attn.dense_attention(q, cache.k[layer], cache.v[layer], span)
-        else:
-            if T != 1:
-                raise ValueError(f"sparse attention decodes one token per row, got a chunk of {T}")
-            q1 = q[:, :, 0]
-            lengths = span.end_t
-            plan = attn.plan_sparse(q1, cache.kmin[layer], cache.kmax[layer], lengths, sparse, backend)
-            out = attn.sparse_decode_attention(
-                q1, cache.k[layer], cache.v[layer], lengths, plan, sparse.block_size, backend
-            )[:, :, None]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -154,11 +118,13 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. `forward` runs a span of tokens per row against a `KVCache`.
+    """Decoder-only LM with one forward pass for every caller.
 
-    Dense spans (prefill chunks, rectification windows, dense decode) write their K/V and attend
-    causally to each row's whole cache; sparse spans (one token per row) attend to the blocks GBSA
-    selects. Returns final hidden states; `logits` applies the LM head.
+    `forward(tokens, cache, span, sparse)` serves prefill chunks, decode steps (T = 1) and
+    rectification windows (T = f) alike: it writes the span's K/V (and block summaries) into
+    `cache` in every layer, attends densely and causally (sparse None) or block-sparsely (a ReSA
+    config, one token per row), and sets the cache's device lengths to the span's end. With a
+    device-only span it has no host synchronisation, so a CUDA graph can capture it.
     """
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto") -> None:
@@ -169,12 +135,15 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # fp32 on purpose and not a buffer, so casting the model to bf16 cannot round the angles.
         self.inv_freq, self.rope_scaling = rope_frequencies(cfg.rope, cfg.head_dim)
+        if backend not in attn.BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(attn.BACKENDS)}, got {backend!r}")
         self.backend = backend
-        self.decode_fns = (pre_attention, post_attention)
+        self.layer_fns = (pre_attention, post_attention)
+        self.compiled_fns: tuple | None = None
 
     def fuse_projections(self) -> None:
         """Store each layer's q/k/v and gate/up weights in one matrix each (parameters become views,
-        so memory does not grow and loading into them still works): the decode step then runs two
+        so memory does not grow and loading into them still works): a decode step then runs two
         matrix products where it ran five. Call after moving or casting the model."""
         for layer in self.model.layers:
             sa, mlp = layer.self_attn, layer.mlp
@@ -199,118 +168,63 @@ class Transformer(nn.Module):
         return F.linear(self.model.norm(hidden), self.head_weight()).float()
 
     @torch.inference_mode()
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        cache: KVCache,
-        span: Span,
-        sparse: ResaConfig | None = None,
-    ) -> torch.Tensor:
-        """tokens: [B, T] ids (column t of row b at position span.start[b] + t; columns >= n_valid[b]
-        are padding). Writes K/V of the span into `cache` in every layer and commits the new
-        lengths. sparse: None for dense attention, else the ReSA settings of a sparse decode step.
+    def forward(self, tokens: torch.Tensor, cache: KVCache, span: Span, sparse: ResaConfig | None = None,
+                observe: attn.QueryObserver | None = None) -> torch.Tensor:
+        """tokens: [B, T] ids (column t of row b at position span.start_t[b] + t; columns >= n_valid[b]
+        are padding). Writes the span's K/V into `cache` in every layer and sets cache.lengths to the
+        span's end. sparse: None for dense causal attention, else the ReSA settings of a sparse
+        decode step (T = 1). observe(layer, q): optional hook given each layer's queries.
         Returns the un-normed hidden states [B, T, hidden_size] (feed to `logits`)."""
-        cache.check_span(span)
         backend = attn.resolve_backend(self.backend, tokens.device)
+        B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
-        positions = span.start_t[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        positions = span.start_t[:, None] + torch.arange(T, device=tokens.device)
         cos, sin = rope_cos_sin(positions, self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
+        # Compiled layer halves specialise on shapes: only the short passes (decode steps and
+        # rectification windows) use them, prefill chunks of every width run the plain functions.
+        pre, post = self.compiled_fns if self.compiled_fns is not None and T <= COMPILED_MAX_T else self.layer_fns
+        cfg = self.cfg
         for i, layer in enumerate(self.model.layers):
-            h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, cache, i, span, sparse, backend)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.commit(span)
+            sa, mlp = layer.self_attn, layer.mlp
+            wqkv, bqkv = sa.qkv_weights()
+            q, k, v = pre(x, layer.input_layernorm.weight, cfg.rms_norm_eps, wqkv, bqkv,
+                          sa.q_norm.weight if cfg.qk_norm else None, sa.k_norm.weight if cfg.qk_norm else None,
+                          cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            attn.write_kv(cache, i, k, v, span, backend)
+            if observe is not None:
+                observe(i, q)
+            out = attn.attend(q, cache, i, span, sparse, backend)
+            x = post(x, out.transpose(1, 2).reshape(B, T, -1), sa.o_proj.weight,
+                     layer.post_attention_layernorm.weight, cfg.rms_norm_eps, mlp.gate_up_weight(),
+                     mlp.down_proj.weight)
+        cache.lengths.copy_(span.end_t)
         return x
 
-    def compile_decode(self) -> None:
-        """Use torch.compile'd layer halves in `decode_static` and `window_static` (fewer, fused
-        kernels per layer). Each batch size and window width compiles its own version; the
-        recompile limit is raised so that many shapes in one process (a benchmark sweep, several
-        batch buckets) do not silently fall back to eager kernels after the default eight."""
-        import torch._dynamo.config as dynamo_config
+    # The runner may capture `run` in a CUDA graph (it depends on device state only).
+    graph_safe = True
 
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-        self.decode_fns = (torch.compile(pre_attention, dynamic=False), torch.compile(post_attention, dynamic=False))
+    def run(self, tokens: torch.Tensor, cache: KVCache, span: Span, sparse: ResaConfig | None,
+            cols: int | torch.Tensor = -1, observe: attn.QueryObserver | None = None) -> torch.Tensor:
+        """`forward`, then the fp32 logits [B, V] of one column per row: `cols` (an int for every
+        row, or a [B] tensor of columns)."""
+        hidden = self.forward(tokens, cache, span, sparse, observe)
+        if isinstance(cols, int):
+            return self.logits(hidden[:, cols])
+        return self.logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), cols])
+
+    def compile_decode(self) -> None:
+        """torch.compile the layer halves used by decode steps and rectification windows (fewer,
+        fused kernels per layer). Each batch size and window width compiles its own version; the
+        compiled functions raise dynamo's recompile limit for their own calls only, so many shapes
+        in one process (a benchmark sweep, several batch buckets) do not fall back to eager kernels
+        after the default eight."""
+        self.compiled_fns = tuple(_scoped_compile(fn) for fn in (pre_attention, post_attention))
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """The fp32 RoPE frequencies on `device`, copied once (no host copy inside a CUDA graph)."""
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
         return self.inv_freq
-
-    def _layer_qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Input norm and q/k/v projection of one layer (the device-side paths; compiled if asked)."""
-        cfg, sa = self.cfg, layer.self_attn
-        wqkv, bqkv = sa.qkv_weights()
-        return self.decode_fns[0](
-            x, layer.input_layernorm.weight, cfg.rms_norm_eps, wqkv, bqkv,
-            sa.q_norm.weight if cfg.qk_norm else None, sa.k_norm.weight if cfg.qk_norm else None,
-            cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-        )
-
-    def _layer_rest(self, layer: DecoderLayer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual and MLP block of one layer; attn_out [B, T, H * D]."""
-        sa, mlp = layer.self_attn, layer.mlp
-        return self.decode_fns[1](x, attn_out, sa.o_proj.weight, layer.post_attention_layernorm.weight,
-                                  self.cfg.rms_norm_eps, mlp.gate_up_weight(), mlp.down_proj.weight)
-
-    @torch.inference_mode()
-    def decode_static(self, tokens: torch.Tensor, cache: KVCache, sparse: ResaConfig | None) -> torch.Tensor:
-        """One decode step with device-side positions only, so a CUDA graph can capture it.
-
-        tokens: [B] ids, fed at positions cache.lengths (device) of each row. Writes K/V and
-        summaries, attends (sparse: GBSA plan; None: every written block, through the same
-        block-sparse attention), then increments cache.lengths in place. cache.host_lengths is
-        not touched: the caller tracks it. Returns fp32 logits [B, V].
-        """
-        backend = attn.resolve_backend(self.backend, tokens.device)
-        kernels = backend == "triton"
-        B = tokens.shape[0]
-        pos = cache.lengths
-        after = pos + 1
-        x = self.model.embed_tokens(tokens[:, None])
-        cos, sin = rope_cos_sin(pos[:, None], self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
-        dense_plan = None
-        for i, layer in enumerate(self.model.layers):
-            q, k, v = self._layer_qkv(layer, x, cos, sin)
-            cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), pos, use_kernels=kernels)
-            q1 = q[:, :, 0]
-            if sparse is not None:
-                plan = attn.plan_sparse(q1, cache.kmin[i], cache.kmax[i], after, sparse, backend)
-            else:
-                if dense_plan is None:
-                    dense_plan = attn.full_plan(after, cache.k.shape[2], cache.num_blocks, cache.block_size)
-                plan = dense_plan
-            out = attn.sparse_decode_attention(q1, cache.k[i], cache.v[i], after, plan, cache.block_size, backend)
-            x = self._layer_rest(layer, x, out.reshape(B, 1, -1))
-        cache.lengths.add_(1)
-        return self.logits(x[:, 0])
-
-    @torch.inference_mode()
-    def window_static(self, tokens: torch.Tensor, cache: KVCache, overwrite: int) -> torch.Tensor:
-        """Dense pass over tokens [B, W] with device-side positions only (the rectification pass
-        as a CUDA graph captures it): row b's tokens go to positions cache.lengths[b] - overwrite
-        onwards, rewriting the K/V of its newest `overwrite` tokens and appending the rest; every
-        query attends causally to the whole row. Sets cache.lengths to start + W (cache.host_lengths
-        is the caller's). Returns the fp32 logits [B, V] of the last position."""
-        backend = attn.resolve_backend(self.backend, tokens.device)
-        B, W = tokens.shape
-        cfg = self.cfg
-        start = cache.lengths - overwrite
-        n_valid = torch.full_like(start, W)
-        x = self.model.embed_tokens(tokens)
-        positions = start[:, None] + torch.arange(W, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
-        # [B, W, H, D] storage seen as [B, H, W, D]: the output projection reads it without a copy.
-        out = torch.empty(B, W, cfg.num_heads, cfg.head_dim, dtype=x.dtype, device=x.device).transpose(1, 2)
-        for i, layer in enumerate(self.model.layers):
-            q, k, v = self._layer_qkv(layer, x, cos, sin)
-            cache.write_at(i, k.to(cache.k.dtype), v.to(cache.v.dtype), start, use_kernels=backend == "triton")
-            attn.chunk_attention(q, cache.k[i], cache.v[i], start, n_valid, backend, out=out)
-            x = self._layer_rest(layer, x, out.transpose(1, 2).reshape(B, W, -1))
-        cache.lengths.copy_(start + W)
-        return self.logits(x[:, -1])
 
     @torch.inference_mode()
     def forward_full(self, tokens: torch.Tensor, block_size: int = 16) -> torch.Tensor:
@@ -321,3 +235,23 @@ class Transformer(nn.Module):
                         block_size, dtype=p.dtype, device=p.device)
         span = Span.make([0] * B, [T] * B, T, tokens.device)
         return self.logits(self.forward(tokens, cache, span))
+
+
+# Passes of at most this many tokens per row use the compiled layer halves (see `forward`).
+COMPILED_MAX_T = 128
+
+
+def _scoped_compile(fn):
+    """torch.compile(fn) whose calls run with a raised recompile limit (a scoped setting: dynamo's
+    global configuration is left as it was)."""
+    import torch._dynamo.config as dynamo_config
+
+    compiled = torch.compile(fn, dynamic=False)
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = {name: max(getattr(dynamo_config, name), 64)}
+
+    def call(*args):
+        with dynamo_config.patch(limit):
+            return compiled(*args)
+
+    return call

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from resa.cache import KVCache
 from resa.config import ResaConfig
 from resa.engine import Engine, PromptTooLongError, _find_stop
+from resa.runner import Runner
 from resa.sampling import SamplingConfig
 from tests.tiny import random_prompts, tiny_engine
 
@@ -48,9 +50,26 @@ def test_group_pool_max_reaches_the_selection(engine, dense):
         ResaConfig(group_pool="median")
 
 
-@pytest.mark.parametrize("mode", ["sparse", "resa"])
-def test_active_ratio_one_is_dense(engine, dense, mode):
-    assert _gen(engine, mode=mode, active_ratio=1.0).token_ids == dense.token_ids
+def test_sparse_path_with_full_budget_gives_dense_tokens_and_kv(engine):
+    """active_ratio 1 through the block-sparse code path (selection + sparse attention, not the
+    dense shortcut the loop takes for it): every block is selected, so tokens, logits and K/V
+    equal dense decoding step for step."""
+    full = ResaConfig(mode="sparse", **{**SMALL, "active_ratio": 1.0})
+    sparse_run, dense_run = engine.open(2, 400, 4), engine.open(2, 400, 4)
+    logits = sparse_run.extend(PROMPTS, 64)
+    dense_run.extend(PROMPTS, 64)
+    selected = []
+    for _ in range(12):
+        tok = logits.argmax(-1)
+        logits = sparse_run.step(tok, full, observe=lambda layer, q: selected.append(
+            sparse_run.cache.plan_buffers(sparse_run.cache.num_blocks, False).num_selected.clone()))
+        ref = dense_run.step(tok, None)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    assert selected, "the observer saw no layer"
+    n = sparse_run.lengths
+    for b in range(2):
+        torch.testing.assert_close(sparse_run.cache.k[:, b, :, :n[b]], dense_run.cache.k[:, b, :, :n[b]])
+        torch.testing.assert_close(sparse_run.cache.v[:, b, :, :n[b]], dense_run.cache.v[:, b, :, :n[b]])
 
 
 def test_sparse_path_with_every_block_selected_is_dense(engine, dense):
@@ -59,17 +78,17 @@ def test_sparse_path_with_every_block_selected_is_dense(engine, dense):
 
 
 def test_fused_f1_is_dense(engine, dense):
+    """Fused with f = 1: every token is fed by a rectification window (never a sparse step)."""
     out = _gen(engine, mode="resa", rectify_variant="fused", rectify_every=1)
     assert out.token_ids == dense.token_ids
-    assert out.stats.rectifications == NEW - 1
+    assert out.stats.rectifications == NEW - 1 and out.stats.sparse_steps == 0
 
 
 def _dense_kv(engine, prompt, generated):
     """K/V of the sequence recomputed densely from scratch: [L, HKV, N, D] each."""
-    ids = torch.tensor([prompt + generated])
-    cache = engine.new_cache(1, ids.shape[1], 4)
-    engine.prefill(cache, [ids[0].tolist()], chunk=64)
-    return cache.k[:, 0], cache.v[:, 0]
+    runner = engine.open(1, len(prompt) + len(generated), 4)
+    runner.extend([prompt + generated], 64)
+    return runner.cache.k[:, 0], runner.cache.v[:, 0]
 
 
 def test_paper_f1_leaves_kv_dense(engine):
@@ -157,7 +176,10 @@ def test_windows_decoded_at_full_budget_are_not_rectified(engine, dense):
     out = engine.generate_ids(prompts, resa=ResaConfig(**cfg), max_new_tokens=30, eos_token_ids=[])
     ref = engine.generate_ids(prompts, resa=ResaConfig(mode="dense"), max_new_tokens=30, eos_token_ids=[])
     assert out.stats.rectifications == 0 and out.token_ids == ref.token_ids
-    assert out.stats.kv_read_fraction == 1.0
+    # Every block kept: the steps read all K/V plus every block's summary (the scoring pass).
+    lengths = [n for p in prompts for n in range(len(p) + 1, len(p) + 30)]
+    assert out.stats.kv_tokens_read == sum(n + -(-n // 4) for n in lengths)
+    assert out.stats.kv_tokens_dense == sum(lengths)
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 7])
@@ -193,10 +215,10 @@ def test_reused_buffers_give_the_same_output():
     prompts = random_prompts([150, 60, 97], seed=8)
     cfg = ResaConfig(mode="resa", rectify_every=8, **SMALL)
     a = pooled.generate_ids(prompts, resa=cfg, max_new_tokens=20, eos_token_ids=[])
-    cache, runner = pooled._pooled
-    assert cache.batch == 4 and cache.capacity == 4096
+    runner = pooled._pooled
+    assert runner.batch == 4 and runner.capacity == 4096
     b = pooled.generate_ids(prompts[:2], resa=cfg, max_new_tokens=20, eos_token_ids=[])
-    assert pooled._pooled is not None and pooled._pooled[0] is not cache  # bucket 2, new cache
+    assert pooled._pooled is not None and pooled._pooled is not runner  # bucket 2, new runner
     c = pooled.generate_ids(prompts[::-1], resa=cfg, max_new_tokens=20, eos_token_ids=[])
     kept = pooled._pooled
     d = pooled.generate_ids(prompts[::-1][:3], resa=cfg, max_new_tokens=10, eos_token_ids=[])
@@ -213,3 +235,42 @@ def test_reused_buffers_give_the_same_output():
 def test_cuda_device_without_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA GPU"):
         Engine.load(device="cuda")
+
+
+class _WindowSpy(Runner):
+    """A runner that keeps the K/V each rectification window overwrites, before and after."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rewrites = []
+
+    def window(self, tokens, overwrite):
+        lo = [n - overwrite for n in self.lengths]
+        before = [self.cache.k[:, b, :, lo[b]:lo[b] + overwrite].clone() for b in range(self.batch)]
+        logits = super().window(tokens, overwrite)
+        after = [self.cache.k[:, b, :, lo[b]:lo[b] + overwrite].clone() for b in range(self.batch)]
+        if overwrite:
+            self.rewrites.append((lo, before, after))
+        return logits
+
+
+@pytest.mark.parametrize("variant", ["paper", "fused"])
+def test_each_rectification_turns_sparse_made_kv_into_dense_kv(engine, variant):
+    """Exact cadence (paper: before feeding t = f, 2f, ...; fused: feeding t = f-1, 2f-1, ...) and
+    each window's K/V goes from sparse-made (different from a dense recomputation) to dense."""
+    f = 8
+    cfg = ResaConfig(mode="resa", rectify_variant=variant, rectify_every=f, **SMALL)
+    spy = _WindowSpy(engine.model, KVCache(2, 2, 2, 400, 16, 4))
+    logits = spy.extend(PROMPTS, 64)
+    out = engine.decode(spy, logits, resa=cfg, max_new_tokens=NEW, eos_token_ids=[])
+    ts = [t for t, _, _ in out.stats.rectified_at]
+    assert ts == ([t for t in range(1, NEW - 1) if t % f == 0] if variant == "paper"
+                  else [t for t in range(NEW - 1) if t % f == f - 1])
+    assert len(spy.rewrites) == out.stats.rectifications == len(ts) > 0
+    for b, prompt in enumerate(PROMPTS):
+        k_dense, _ = _dense_kv(engine, prompt, out.token_ids[b][: NEW - 1])
+        for lo, before, after in spy.rewrites:
+            width = before[b].shape[2]
+            ref = k_dense[:, :, lo[b]:lo[b] + width]
+            assert not torch.allclose(before[b], ref, atol=1e-3), "the window was not sparse-made"
+            torch.testing.assert_close(after[b], ref, rtol=1e-4, atol=1e-4)

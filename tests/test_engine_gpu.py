@@ -37,9 +37,18 @@ def test_graphs_equal_eager(model, mode, variant):
     assert graphed.token_ids == eager.token_ids
 
 
-def test_active_ratio_one_equals_dense_on_gpu(model):
+def test_sparse_path_with_full_budget_equals_dense_on_gpu(model):
+    """active_ratio 1 through the sparse kernels (not the dense shortcut), graph replays."""
     engine = Engine(model, cuda_graphs=True)
-    assert _gen(engine, "resa", active_ratio=1.0).token_ids == _gen(engine, "dense").token_ids
+    prompts = random_prompts([1500, 700], seed=5)
+    full = ResaConfig(mode="sparse", **{**SMALL, "active_ratio": 1.0})
+    a, b = engine.open(2, 1600, 16), engine.open(2, 1600, 16)
+    la, lb = a.extend(prompts, 512), b.extend(prompts, 512)
+    for _ in range(16):
+        tok = la.argmax(-1)
+        assert torch.equal(tok, lb.argmax(-1))
+        la, lb = a.step(tok, full), b.step(tok, None)
+    assert a.graphs is not None and ("step", full) in a.graphs.graphs
 
 
 def test_sparse_really_differs(model):
@@ -53,23 +62,25 @@ def test_compiled_decode_equals_plain(model):
     try:
         compiled = _gen(Engine(model, cuda_graphs=True), "resa")
     finally:
-        model.decode_fns = plain_fns()
+        model.compiled_fns = None
     assert compiled.token_ids == plain.token_ids
-
-
-def plain_fns():
-    from resa.decode_layer import post_attention, pre_attention
-
-    return (pre_attention, post_attention)
 
 
 def test_reused_cache_and_graphs_equal_fresh(model):
     """A second generation of the same batch bucket replays the graphs captured by the first."""
     engine = Engine(model, cuda_graphs=True)
     first = _gen(engine, "resa", "fused")
-    cache, runner = engine._pooled
-    keys = set(runner.graphs)
+    runner = engine._pooled
+    keys = set(runner.graphs.graphs)
     second = _gen(engine, "resa", "fused")
-    assert engine._pooled[0] is cache and engine._pooled[1] is runner and set(runner.graphs) == keys
+    assert engine._pooled is runner and set(runner.graphs.graphs) == keys
     fresh = _gen(Engine(model, cuda_graphs=True, reuse_buffers=False), "resa", "fused")
     assert first.token_ids == second.token_ids == fresh.token_ids
+
+
+def test_public_loop_equals_eager_forward(model):
+    """The public loop with graphs (default) gives the tokens of plain eager forward passes."""
+    engine = Engine(model, cuda_graphs=True)
+    out = _gen(engine, "resa", "fused")
+    eager = _gen(Engine(model, cuda_graphs=False, reuse_buffers=False), "resa", "fused")
+    assert out.token_ids == eager.token_ids and out.stats.rectifications > 0

@@ -10,7 +10,7 @@ import torch
 from resa.config import ResaConfig
 from resa.eval import gsm8k, retrieval, ruler
 from resa.eval.data import BUILTIN_SAMPLE
-from resa.eval.decode import clone_cache, greedy_from_cache, stack_rows
+from resa.eval.decode import greedy_from
 from resa.eval.stats import stratified_bootstrap
 from resa.eval.store import RunStore
 from tests.tiny import random_prompts, tiny_engine
@@ -118,8 +118,8 @@ def test_stratified_bootstrap_is_the_macro_average():
 
 
 def _prefilled(engine, prompts, extra):
-    cache = engine.new_cache(len(prompts), max(map(len, prompts)) + extra, 4)
-    return cache, engine.prefill(cache, prompts, 32)
+    runner = engine.open(len(prompts), max(map(len, prompts)) + extra, 4)
+    return runner, runner.extend(prompts, 32)
 
 
 def test_resa_with_full_budget_decodes_exactly_like_dense():
@@ -127,9 +127,9 @@ def test_resa_with_full_budget_decodes_exactly_like_dense():
     prompts = random_prompts([70, 45, 90])
     cache, logits = _prefilled(engine, prompts, 40)
     base = dict(block_size=4, min_blocks=2, rectify_every=8)
-    dense = greedy_from_cache(engine, clone_cache(cache), logits, ResaConfig(mode="dense", **base), 40, [])
-    full = greedy_from_cache(engine, clone_cache(cache), logits, ResaConfig(active_ratio=1.0, **base), 40, [])
-    sparse = greedy_from_cache(engine, clone_cache(cache), logits, ResaConfig(active_ratio=0.1, **base), 40, [])
+    dense = greedy_from(engine, cache.fork(), logits, ResaConfig(mode="dense", **base), 40, [])
+    full = greedy_from(engine, cache.fork(), logits, ResaConfig(active_ratio=1.0, **base), 40, [])
+    sparse = greedy_from(engine, cache.fork(), logits, ResaConfig(active_ratio=0.1, **base), 40, [])
     assert full == dense and all(len(o) == 40 for o in dense)
     assert sparse != dense  # the tiny model's attention is peaked: a 10% budget changes its output
 
@@ -137,18 +137,20 @@ def test_resa_with_full_budget_decodes_exactly_like_dense():
 def test_stacked_rows_decode_like_each_row_alone():
     engine = tiny_engine()
     prefix, suffixes = random_prompts([50])[0], random_prompts([7, 3], seed=5)
-    base = engine.new_cache(1, 80, 4)
-    engine.prefill(base, [prefix], 16)
+    base = engine.open(1, 80, 4)
+    base.extend([prefix], 16)
     rows, first = [], []
     for sfx in suffixes:
-        r = clone_cache(base)
-        first.append(engine.dense_window(r, torch.tensor([sfx]), overwrite=0))
+        r = base.fork()
+        first.append(r.extend([sfx], 16))
         rows.append(r)
     cfg = ResaConfig(block_size=4, min_blocks=2, active_ratio=0.3, rectify_every=8)
-    together = greedy_from_cache(engine, stack_rows(engine, rows, 80), torch.cat(first), cfg, 16, [])
+    stacked = engine.open(len(rows), 80, 4)
+    stacked.load_rows(rows)
+    together = greedy_from(engine, stacked, torch.cat(first), cfg, 16, [])
     for i, sfx in enumerate(suffixes):
         cache, logits = _prefilled(engine, [prefix + sfx], 20)
-        alone = greedy_from_cache(engine, cache, logits, cfg, 16, [])
+        alone = greedy_from(engine, cache, logits, cfg, 16, [])
         assert alone[0] == together[i]
 
 

@@ -55,7 +55,7 @@ def our_engine(model) -> Engine:
     """Our engine over the same weights (transformers' parameter names are ours)."""
     ours = Transformer(ModelConfig.from_hf(model.config.to_dict()), backend="torch")
     ours.load_weights(dict(model.state_dict()))
-    return Engine(ours.eval(), poison_cache=True)
+    return Engine(ours.eval())
 
 
 def prompts(lengths, seed: int = 1) -> list[list[int]]:
@@ -213,7 +213,7 @@ def test_likelihood_forward_stays_dense(llama):
 
 def test_dynamic_cache_grows_and_static_refuses():
     model = hf_model("llama")
-    cache = rhf.ResaCache.for_model(model, batch=1, block_size=4, capacity=8, poison=True)
+    cache = rhf.ResaCache.for_model(model, batch=1, block_size=4, capacity=8)
     from resa.cache import Span
 
     k = torch.randn(1, 2, 20, 16)

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from resa.kernels import sparse_decode  # noqa: E402
-from resa.ref import select_blocks_ref, sparse_decode_ref  # noqa: E402
+from resa.ref import dense_attention_ref, select_blocks_ref, sparse_decode_ref  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,13 +89,24 @@ def test_sparse_decode(lengths, hkv, g, d, dtype, splits):
 
 
 def test_sparse_decode_full_table_equals_dense():
-    """A table holding every block is dense attention."""
-    lengths = [100, 37]
+    """A table holding every block is dense attention: compared with the dense causal reference
+    (the decode query at position len-1 over keys < len) and low-precision SDPA, not with the
+    sparse reference."""
+    gen = torch.Generator().manual_seed(5)
+    lengths, hkv, g, d = [100, 37], 1, 7, 64
+    k, v = make_cache(lengths, hkv, d, torch.bfloat16, gen=gen)
+    q = torch.randn(2, hkv * g, d, generator=gen).to(torch.bfloat16).to(DEVICE)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=DEVICE)
     nb = -(-max(lengths) // BS)
-    table = torch.full((2, 1, nb), -1, dtype=torch.int32)
+    table = torch.full((2, hkv, nb), -1, dtype=torch.int32)
     for b, n in enumerate(lengths):
         table[b, :, : -(-n // BS)] = torch.arange(-(-n // BS), dtype=torch.int32)
-    run_case(lengths, 1, 7, 64, torch.bfloat16, table=table.to(DEVICE), splits=2)
+    got = sparse_decode(q, k, v, lens, table.to(DEVICE), BS, num_splits=2)
+    dense = dense_attention_ref(q[:, :, None], k, v, lens - 1, torch.ones_like(lens))[:, :, 0]
+    low = torch.stack([torch.nn.functional.scaled_dot_product_attention(
+        q[b:b + 1, :, None], k[b:b + 1, :, :n], v[b:b + 1, :, :n], enable_gqa=True)[0, :, 0]
+        for b, n in enumerate(lengths)])
+    assert_close(got, dense, low)
 
 
 def test_sparse_decode_holes_and_unsorted_table():

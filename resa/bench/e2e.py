@@ -2,10 +2,12 @@
 against its bytes floor, and Hugging Face transformers `generate` as the peer, on one GPU.
 
 Weights are random at real model shapes (speed does not depend on their values). The context is
-filled with random K/V and exact block summaries instead of a real prefill: decode speed depends
-on the cache's size, not its contents, and a 256K prefill per configuration would take most of the
-run. Each mode runs the engine's real decode loop (CUDA-graph replay of the step, the rectification
-schedule of `resa.rectify`, greedy sampling on the device) for `--windows` windows of f tokens.
+filled with random K/V and exact block summaries (`Runner.fill_synthetic`) instead of a real
+prefill: decode speed depends on the cache's size, not its contents, and a 256K prefill per
+configuration would take most of the run. Each mode times the public generation loop
+(`Engine.decode` with its defaults: CUDA-graph replay of the step and of the rectification
+window, greedy sampling on the device, host checks every 16 tokens) for `--windows` windows of f
+tokens, after a warm-up call that captures the graphs.
 
     python -m resa.bench.e2e --out-dir benchmarks/e2e
 """
@@ -22,10 +24,9 @@ import torch
 
 from ..cache import KVCache
 from ..config import GROUP_POOLS, ResaConfig
-from ..engine import CacheRunner, Engine
+from ..cost import sparse_step_reads
+from ..engine import Engine
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
-from ..rectify import feed_token
-from ..ref.selection import block_budget
 from .kernels import _bench_graph, card_name, copy_bandwidth
 
 MODES = ("dense", "sparse", "resa-paper", "resa-fused")
@@ -54,9 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _floors(cfg, n: int, batch: int, resa: ResaConfig, weights: int) -> dict[str, float]:
     """Bytes one generated token must move, per mode (weights + KV read + amortised rectification)."""
     kv_tok = cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * 2 * 2  # K and V, bf16
-    nb = -(-n // resa.block_size)
-    kept = block_budget(nb, resa.active_ratio, resa.min_blocks)
-    sparse_kv = kv_tok * (min(kept * resa.block_size, n) + nb)  # selected tokens + min/max summaries
+    sparse_kv = kv_tok * sparse_step_reads(n, resa)  # selected tokens + min/max summaries
     dense_kv = kv_tok * n
     f = resa.rectify_every
     return {
@@ -69,57 +68,28 @@ def _floors(cfg, n: int, batch: int, resa: ResaConfig, weights: int) -> dict[str
     }
 
 
-def _fill_cache(engine: Engine, batch: int, n: int, capacity: int, block_size: int, seed: int):
-    cache = engine.new_cache(batch, capacity, block_size)
-    gen = torch.Generator(device=engine.device).manual_seed(seed)
-    from ..kernels import refresh_summaries
-
-    lengths = torch.full((batch,), n, dtype=torch.int64, device=engine.device)
-    zero = torch.zeros_like(lengths)
-    for layer in range(cache.k.shape[0]):
-        for t in (cache.k[layer], cache.v[layer]):
-            t.normal_(0.0, 1.0, generator=gen)
-        refresh_summaries(cache.k[layer], cache.kmin[layer], cache.kmax[layer], zero, lengths, block_size)
-    cache.lengths.copy_(lengths)
-    cache.host_lengths = [n] * batch
-    return cache
-
-
-def _time_mode(engine: Engine, cache, n: int, mode: str, resa: ResaConfig, windows: int) -> dict:
-    """Milliseconds per generated token over `windows` windows of the real decode loop."""
+def _time_mode(engine: Engine, runner, n: int, mode: str, resa: ResaConfig, windows: int) -> dict:
+    """Milliseconds per generated token of the public generation loop (`Engine.decode`, default
+    sync_every) over `windows` windows of f tokens, from a context of n tokens per row."""
     cfg = {"dense": resa.with_(mode="dense"), "sparse": resa.with_(mode="sparse"),
            "resa-paper": resa.with_(rectify_variant="paper"),
            "resa-fused": resa.with_(rectify_variant="fused")}[mode]
     f = resa.rectify_every
-    steps = windows * f
-    runner = CacheRunner(engine, cache)
-    B = cache.batch
-    history = torch.randint(0, engine.model.cfg.vocab_size, (B, steps + f + 2), device=engine.device)
+    logits = torch.zeros(runner.batch, engine.model.cfg.vocab_size, device=engine.device)
 
-    def run(first: int, count: int) -> None:
-        for t in range(first, first + count):
-            logits = feed_token(runner, history, t, cfg).logits
-            history[:, t + 1] = logits.argmax(dim=-1)
+    def generate(tokens: int):
+        runner.truncate([n] * runner.batch)
+        return engine.decode(runner, logits, resa=cfg, max_new_tokens=tokens, eos_token_ids=[]).stats
 
-    def reset() -> None:
-        cache.lengths.fill_(n)
-        cache.host_lengths = [n] * B
-
-    run(0, f + 1)  # warm-up: captures graphs, compiles kernels, runs one rectification of each kind
-    reset()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    # Steps f .. f+steps-1 hold exactly `windows` rectifications in both variants.
-    run(f, steps)
-    end.record()
-    torch.cuda.synchronize()
-    reset()
-    ms = start.elapsed_time(end) / steps
-    return {"ms_per_step": ms, "tokens_per_s": B * 1000.0 / ms}
+    generate(f + 2)  # warm-up: captures the graphs (step, both window kinds), compiles kernels
+    stats = generate(windows * f + 1)
+    runner.truncate([n] * runner.batch)
+    ms = stats.decode_seconds * 1000 / stats.decode_steps
+    return {"ms_per_step": ms, "tokens_per_s": runner.batch * 1000.0 / ms, "steps": stats.decode_steps,
+            "rectifications": stats.rectifications, "capture_s_in_timed_run": stats.capture_seconds}
 
 
-def _breakdown(engine: Engine, cache, n: int, resa: ResaConfig) -> dict:
+def _breakdown(engine: Engine, runner, n: int, resa: ResaConfig) -> dict:
     """Where a ReSA step goes: selection and sparse attention per layer (times layers), the dense
     rectification pass amortised over f tokens; the rest (weights, norms, MLPs) by difference."""
     import triton
@@ -127,29 +97,26 @@ def _breakdown(engine: Engine, cache, n: int, resa: ResaConfig) -> dict:
     from .. import attention as attn
 
     cfg = engine.model.cfg
+    cache = runner.cache
     B = cache.batch
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=engine.device, dtype=engine.dtype)
     lengths = cache.lengths
-    plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton")
+    buffers = cache.plan_buffers(attn.num_slots(cache.num_blocks, resa), True)
+    plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton", buffers)
     # Graph replays, as in the decode step (eager timing would mostly measure Python launch cost).
-    sel = _bench_graph(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton"), 100) / 1e3
+    sel = _bench_graph(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton", buffers),
+                       100) / 1e3
     att = _bench_graph(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], lengths, plan,
                                                             resa.block_size, "triton"), 100) / 1e3
     f = resa.rectify_every
     window = torch.randint(0, cfg.vocab_size, (B, f), device=engine.device)
-    runner = CacheRunner(engine, cache)
 
     def rectify() -> None:  # what the decode loop runs: the graph of the pass (chunk_attention)
-        runner.dense_window(window, overwrite=f)
-
-    def rectify_sdpa() -> None:  # the same pass launched eagerly, attention by torch SDPA
-        engine.dense_window(cache, window, overwrite=f)
+        runner.window(window, overwrite=f)
 
     rect = triton.testing.do_bench(rectify, warmup=1, rep=50, return_mode="median")
-    rect_sdpa = triton.testing.do_bench(rectify_sdpa, warmup=1, rep=50, return_mode="median")
     return {"selection_ms": sel * cfg.num_layers, "sparse_attention_ms": att * cfg.num_layers,
-            "rectification_pass_ms": rect, "rectification_amortised_ms": rect / f,
-            "rectification_pass_sdpa_eager_ms": rect_sdpa}
+            "rectification_pass_ms": rect, "rectification_amortised_ms": rect / f}
 
 
 def _hf_peer(shape: str, n: int, device: torch.device) -> dict:
@@ -204,9 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     model = random_model(args.shape, device=device)
     engine = Engine(model)
     cfg = model.cfg
-    plain_fns = model.decode_fns
     model.compile_decode()
-    compiled_fns = model.decode_fns
+    compiled_fns = model.compiled_fns
     rows, skipped = [], []
     free_total = torch.cuda.mem_get_info(device)[1]
     for n in args.contexts:
@@ -224,24 +190,25 @@ def run(args: argparse.Namespace) -> dict:
             batches.append(largest)  # the largest batch that fits, where a requested one did not
         for batch in batches:
             torch.cuda.reset_peak_memory_stats(device)
-            cache = _fill_cache(engine, batch, n, capacity, resa.block_size, seed=n + batch)
+            runner = engine.open(batch, capacity, resa.block_size)
+            runner.fill_synthetic(n, seed=n + batch)
             weights = weight_bytes_per_step(model, batch)
             floors = _floors(cfg, n, batch, resa, weights)
             row = {"context": n, "batch": batch, "modes": {}}
             for compiled in args.compile:
-                model.decode_fns = compiled_fns if compiled == "on" else plain_fns
+                model.compiled_fns = compiled_fns if compiled == "on" else None
                 for mode in args.modes:
-                    r = _time_mode(engine, cache, n, mode, resa, args.windows)
+                    r = _time_mode(engine, runner, n, mode, resa, args.windows)
                     floor_ms = floors[mode] / copy_bw / 1e6
                     r.update(floor_ms=floor_ms, vs_floor=r["ms_per_step"] / floor_ms, bytes_per_step=floors[mode])
                     name = mode + ("+compile" if compiled == "on" else "")
                     row["modes"][name] = r
                     print(f"N={n} B={batch} {name:18s} {r['ms_per_step']:8.2f} ms/step "
                           f"{r['tokens_per_s']:8.1f} tok/s floor {floor_ms:6.2f} ms ({r['vs_floor']:.2f}x)", flush=True)
-            row["breakdown"] = _breakdown(engine, cache, n, resa)
+            row["breakdown"] = _breakdown(engine, runner, n, resa)
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rows.append(row)
-            del cache
+            del runner
             gc.collect()
             torch.cuda.empty_cache()
     del engine, model
@@ -283,15 +250,14 @@ def markdown(result: dict) -> str:
                          f"{r['tokens_per_s']:.1f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f} | {speed} |")
     lines += ["", "Where a ReSA step goes (ms; selection and attention summed over layers):", "",
               "| context | batch | sparse step | selection | sparse attention | rectification pass "
-              "| amortised /f | share of ReSA step | pass, eager SDPA | peak GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| amortised /f | share of ReSA step | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         b = row["breakdown"]
         step = row["modes"].get("sparse", row["modes"].get("sparse+compile", {})).get("ms_per_step", float("nan"))
         lines.append(f"| {row['context']} | {row['batch']} | {step:.2f} | {b['selection_ms']:.2f} | "
                      f"{b['sparse_attention_ms']:.2f} | {b['rectification_pass_ms']:.2f} | "
                      f"{b['rectification_amortised_ms']:.2f} | {_rect_share(row):.0%} | "
-                     f"{b.get('rectification_pass_sdpa_eager_ms', float('nan')):.2f} | "
                      f"{row['peak_gib']:.1f} |")
     if result["skipped"]:
         lines += ["", "Skipped (cache does not fit): " + ", ".join(

@@ -23,7 +23,7 @@ import torch
 
 from ..config import ResaConfig
 from .data import builtin_gsm8k, gsm8k_items
-from .decode import answer_conditions, clone_cache, eos_ids, greedy_from_cache, stack_rows
+from .decode import answer_conditions, eos_ids, greedy_from
 from .stats import bootstrap_mean, wilson
 
 # A number not glued to a preceding digit, "." or ":" (so "5:00" yields 5, not 00).
@@ -133,21 +133,22 @@ def run(engine, store, s: GSM8KSettings, progress: bool = True) -> None:
         capacity = len(prefix) + max(len(suffixes[i]) for i in idx) + s.max_new
         if base is None:
             longest = len(prefix) + max(len(x) for x in suffixes) + s.max_new
-            base = engine.new_cache(1, longest, s.block_size)
-            engine.prefill(base, [prefix], s.prefill_chunk)
+            base = engine.open(1, longest, s.block_size)
+            base.extend([prefix], s.prefill_chunk)
         rows, first = [], []
         for i in idx:
-            row = clone_cache(base)
-            first.append(engine.dense_window(row, _ids(suffixes[i]), overwrite=0))
+            row = base.fork()
+            first.append(row.extend([suffixes[i]], s.prefill_chunk))
             rows.append(row)
-        cache = stack_rows(engine, rows, capacity)
+        cache = engine.open(len(rows), capacity, s.block_size)
+        cache.load_rows(rows)
         del rows
         logits = torch.cat(first)
         outputs, seconds = {}, {}
         for ci, (name, cfg) in enumerate(conds):
             t1 = time.perf_counter()
-            work = cache if ci == len(conds) - 1 else clone_cache(cache)
-            ids = greedy_from_cache(engine, work, logits, cfg, s.max_new, eos)
+            work = cache if ci == len(conds) - 1 else cache.fork()
+            ids = greedy_from(engine, work, logits, cfg, s.max_new, eos)
             res = []
             for i, o in zip(idx, ids):
                 text = engine.tokenizer.decode(o)
@@ -170,10 +171,6 @@ def equal_length_batches(lengths: list[int], batch: int) -> list[list[int]]:
     batch end close together."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i:i + batch] for i in range(0, len(order), batch)]
-
-
-def _ids(ids: list[int]) -> torch.Tensor:
-    return torch.tensor([ids], dtype=torch.int64)
 
 
 def summarize(cells: dict, settings: dict) -> dict:

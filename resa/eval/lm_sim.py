@@ -1,4 +1,4 @@
-"""Language-modelling simulation of KV misalignment (the paper's design, DESIGN.md 1.5).
+"""Language-modelling simulation of KV misalignment (the paper's design, docs/method.md section 6).
 
 For a text of L + 1 tokens: positions 0 .. L-x-1 are encoded densely (prefill), the last x
 positions by sparse decode steps (so their K/V is sparse-made, as between two rectifications of
@@ -7,13 +7,12 @@ last P = 32 positions are scored (top-1, top-3, NLL). Reference cells on the sam
 - dense: every position dense;
 - upper bound ("ub"): all K/V dense, only each prediction made with sparse attention (after the
   sparse step, the same token is re-encoded densely, so later steps see dense K/V).
-Everything goes through the engine primitives (prefill, step, dense_window): the same model and
-attention code as generation. Rows of a batch are different texts of the same length.
+Everything goes through the engine's runner (extend, step, window): the same forward pass as
+generation. Rows of a batch are different texts of the same length.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -79,10 +78,10 @@ def score(logits: torch.Tensor, targets: torch.Tensor) -> list[dict]:
             for b in range(logits.shape[0])]
 
 
-def _extend_dense(engine, cache, ids: torch.Tensor, start: int, end: int, chunk: int) -> None:
+def _extend_dense(runner, ids: torch.Tensor, start: int, end: int, chunk: int) -> None:
     """Append positions start .. end-1 of every row densely (chunked like a prefill)."""
-    for c0 in range(start, end, chunk):
-        engine.dense_window(cache, ids[:, c0:min(end, c0 + chunk)], overwrite=0)
+    if end > start:
+        runner.extend(ids[:, start:end].tolist(), chunk)
 
 
 def run(engine, store, s: LMSimSettings, progress: bool = True) -> None:
@@ -106,13 +105,13 @@ def run(engine, store, s: LMSimSettings, progress: bool = True) -> None:
         targets = ids[:, L - P + 1:L + 1]
         meta = [{"corpus": r.corpus, "doc": r.doc, "offset": r.offset} for r in rows]
         t0 = time.perf_counter()
-        cache = engine.new_cache(len(rows), L, s.block_size)
+        runner = engine.open(len(rows), L, s.block_size)
         first = L - xs[0]
-        engine.prefill(cache, [r.ids[:first] for r in rows], s.prefill_chunk)
+        runner.extend([r.ids[:first] for r in rows], s.prefill_chunk)
         store.data["timings"].setdefault("prefill_seconds", {})[f"b{bi}"] = round(time.perf_counter() - t0, 2)
         cur = first
         for x in xs:
-            _extend_dense(engine, cache, ids, cur, L - x, s.prefill_chunk)
+            _extend_dense(runner, ids, cur, L - x, s.prefill_chunk)
             cur = L - x
             for r in s.ratios:
                 key = cell_key(bi, "x", x_name[x], r)
@@ -120,21 +119,21 @@ def run(engine, store, s: LMSimSettings, progress: bool = True) -> None:
                     bar.update(x)
                     continue
                 t0 = time.perf_counter()
-                work, cfg, out = copy.deepcopy(cache), s.resa(r), []
+                work, cfg, out = runner.fork(), s.resa(r), []
                 for p in range(L - x, L):
-                    logits = engine.step(work, ids[:, p], cfg)
+                    logits = work.step(ids[:, p], cfg)
                     if p >= L - P:
                         out.append(logits)
                     bar.update(1)
                 del work
                 store.put(key, {"rows": _rows(meta, score(torch.stack(out, 1), targets))},
                           time.perf_counter() - t0)
-        _extend_dense(engine, cache, ids, cur, L - P, s.prefill_chunk)
+        _extend_dense(runner, ids, cur, L - P, s.prefill_chunk)
         if not store.done(cell_key(bi, "dense")):
             t0 = time.perf_counter()
-            work, out = copy.deepcopy(cache), []
+            work, out = runner.fork(), []
             for p in range(L - P, L):
-                out.append(engine.step(work, ids[:, p], None))
+                out.append(work.step(ids[:, p], None))
                 bar.update(1)
             store.put(cell_key(bi, "dense"), {"rows": _rows(meta, score(torch.stack(out, 1), targets))},
                       time.perf_counter() - t0)
@@ -144,14 +143,14 @@ def run(engine, store, s: LMSimSettings, progress: bool = True) -> None:
                 bar.update(2 * P)
                 continue
             t0 = time.perf_counter()
-            work, cfg, out = copy.deepcopy(cache), s.resa(r), []
+            work, cfg, out = runner.fork(), s.resa(r), []
             for p in range(L - P, L):
-                out.append(engine.step(work, ids[:, p], cfg))
+                out.append(work.step(ids[:, p], cfg))
                 # Re-encode the token densely: later predictions see only dense K/V.
-                engine.dense_window(work, ids[:, p:p + 1], overwrite=1)
+                work.window(ids[:, p:p + 1], overwrite=1)
                 bar.update(2)
             store.put(key, {"rows": _rows(meta, score(torch.stack(out, 1), targets))}, time.perf_counter() - t0)
-        del cache
+        del runner
     bar.close()
 
 

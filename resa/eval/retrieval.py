@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from ..config import ResaConfig
 from . import ruler
 from .data import documents
-from .decode import answer_conditions, clone_cache, eos_ids, greedy_from_cache
+from .decode import answer_conditions, eos_ids, greedy_from
 from .stats import bootstrap_mean, cluster_bootstrap, stratified_bootstrap, wilson
 
 
@@ -92,14 +92,14 @@ def run(engine, store, s: RetrievalSettings, progress: bool = True) -> None:
                 continue
             samples = [maker.sample(task, i, max_new) for i in idx]
             t0 = time.perf_counter()
-            cache = engine.new_cache(len(samples), max(len(x.ids) for x in samples) + max_new, s.block_size)
-            logits = engine.prefill(cache, [x.ids for x in samples], s.prefill_chunk)
+            cache = engine.open(len(samples), max(len(x.ids) for x in samples) + max_new, s.block_size)
+            logits = cache.extend([x.ids for x in samples], s.prefill_chunk)
             prefill_s = time.perf_counter() - t0
             outputs, seconds = {}, {}
             for ci, (name, cfg) in enumerate(conds):
                 t1 = time.perf_counter()
-                work = cache if ci == len(conds) - 1 else clone_cache(cache)
-                ids = greedy_from_cache(engine, work, logits, cfg, max_new, eos)
+                work = cache if ci == len(conds) - 1 else cache.fork()
+                ids = greedy_from(engine, work, logits, cfg, max_new, eos)
                 texts = [engine.tokenizer.decode(o) for o in ids]
                 outputs[name] = [{"text": t, "score": ruler.recall(t, x.answers)} for t, x in zip(texts, samples)]
                 seconds[name] = round(time.perf_counter() - t1, 2)

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import attention as attn
 from ..ref.selection import block_budget, select_blocks_ref
 from . import ruler
 from .decode import eos_ids
@@ -103,22 +101,6 @@ def keep_top(scores: torch.Tensor, n: int, local_blocks: int) -> torch.Tensor:
     return mask
 
 
-@contextmanager
-def _queries_of_dense_steps(sink: list):
-    """Record the queries every dense attention call receives (one per layer and pass)."""
-    original = attn.dense_attention
-
-    def recording(q, k, v, span):
-        sink.append(q)
-        return original(q, k, v, span)
-
-    attn.dense_attention = recording
-    try:
-        yield
-    finally:
-        attn.dense_attention = original
-
-
 def layer_recall(q: torch.Tensor, k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_keys: int,
                  needle: list[int], s: SelectionSettings) -> dict:
     """One layer of one decode step (batch row 0). q [H, D]; k [HKV, >= n_keys, D];
@@ -162,8 +144,9 @@ def analyse_sample(engine, sample: ruler.Sample, s: SelectionSettings) -> dict:
     needle = needle_positions(engine.tokenizer, sample.ids, sample.answers)
     if not needle:
         raise ValueError(f"{sample.task} sample {sample.index}: needle values not found in the prompt")
-    cache = engine.new_cache(1, len(sample.ids) + s.steps + 1, s.block_size)
-    logits = engine.prefill(cache, [sample.ids], s.prefill_chunk)
+    runner = engine.open(1, len(sample.ids) + s.steps + 1, s.block_size)
+    logits = runner.extend([sample.ids], s.prefill_chunk)
+    cache = runner.cache
     stop = set(eos_ids(engine))
     steps, answer = [], []
     for _ in range(s.steps):
@@ -172,9 +155,8 @@ def analyse_sample(engine, sample: ruler.Sample, s: SelectionSettings) -> dict:
             break
         answer.append(token)
         queries: list[torch.Tensor] = []
-        with _queries_of_dense_steps(queries):
-            logits = engine.step(cache, torch.tensor([token]), None)
-        n_keys = cache.host_lengths[0]
+        logits = runner.step(torch.tensor([token]), None, observe=lambda layer, q: queries.append(q))
+        n_keys = runner.lengths[0]
         steps.append([layer_recall(q[0, :, 0], cache.k[i, 0], cache.kmin[i, 0], cache.kmax[i, 0], n_keys,
                                    needle, s) for i, q in enumerate(queries)])
     return {"task": sample.task, "index": sample.index, "prompt_tokens": len(sample.ids),

@@ -52,17 +52,6 @@ def resa_attention(
     if scaling is not None and abs(scaling * D ** 0.5 - 1.0) > 1e-6:
         raise ValueError(f"ReSA attention uses the softmax scale D^-0.5; this layer asks for {scaling}")
     step = resa_cache.current
-    layer_idx = module.layer_idx
-    if step.sparse is None:
-        out = attn.dense_attention(query, key, value, step.span)
-    else:
-        if query.shape[2] != 1:
-            raise ValueError(f"a sparse ReSA pass decodes one token per row, got {query.shape[2]}")
-        _, _, kmin, kmax = resa_cache.layer(layer_idx)
-        backend = attn.resolve_backend(resa_cache.backend, query.device)
-        q1 = query[:, :, 0]
-        lengths = step.span.end_t
-        plan = attn.plan_sparse(q1, kmin, kmax, lengths, step.sparse, backend)
-        out = attn.sparse_decode_attention(q1, key, value, lengths, plan, step.sparse.block_size,
-                                           backend)[:, :, None]
+    backend = attn.resolve_backend(resa_cache.backend, query.device)
+    out = attn.attend(query, resa_cache.kv, module.layer_idx, step.span, step.sparse, backend)
     return out.transpose(1, 2).contiguous(), None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import attention as attn
 from ..cache import KVCache, Span
 from ..config import ResaConfig
 
@@ -75,14 +76,12 @@ class ResaCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         backend: str = "auto",
-        poison: bool = False,
     ) -> None:
         self.num_layers = num_layers
         self.static = static
         self.backend = backend
-        self.poison = poison
         self.kv = KVCache(num_layers, batch, num_kv_heads, capacity, head_dim, block_size,
-                          dtype=dtype, device=device, poison=poison)
+                          dtype=dtype, device=device)
         self.stats = ResaStats()
         self._pass: ResaPass | None = None
 
@@ -113,12 +112,12 @@ class ResaCache:
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens held by each row (host copy)."""
-        return list(self.kv.host_lengths)
+        """Tokens held by each row (read from the device)."""
+        return self.kv.lengths.tolist()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Longest row (transformers' notion of the cache length for an unpadded batch)."""
-        return max(self.kv.host_lengths)
+        return max(self.lengths)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v, kmin, kmax) of one layer: [B, HKV, capacity, D] twice, [B, HKV, NBmax, D] twice."""
@@ -147,12 +146,11 @@ class ResaCache:
             if self.static:
                 raise ValueError(f"static ResaCache holds {self.capacity} tokens per row; this pass needs {need}")
             self._grow(max(need, 2 * self.capacity))
-        self.kv.check_span(pass_.span)
         self._pass = pass_
 
     def end(self) -> None:
         """Finish the pass: the rows now hold exactly span.end tokens."""
-        self.kv.commit(self.current.span)
+        self.kv.lengths.copy_(self.current.span.end_t)
         self._pass = None
 
     def abort(self) -> None:
@@ -168,20 +166,19 @@ class ResaCache:
         span = self.current.span
         if key_states.shape[2] != span.width:
             raise ValueError(f"layer {layer_idx} wrote {key_states.shape[2]} tokens into a pass of {span.width}")
-        self.kv.write(layer_idx, key_states.to(self.kv.k.dtype), value_states.to(self.kv.v.dtype), span)
+        attn.write_kv(self.kv, layer_idx, key_states, value_states, span,
+                      attn.resolve_backend(self.backend, key_states.device))
         return self.kv.k[layer_idx], self.kv.v[layer_idx]
 
     def _grow(self, capacity: int) -> None:
         """Reallocate to `capacity` slots per row and copy what is held."""
         old = self.kv
         L, B, HKV, cap, D = old.k.shape
-        new = KVCache(L, B, HKV, capacity, D, old.block_size, dtype=old.k.dtype, device=old.k.device,
-                      poison=self.poison)
+        new = KVCache(L, B, HKV, capacity, D, old.block_size, dtype=old.k.dtype, device=old.k.device)
         nb = old.num_blocks
         new.k[:, :, :, :cap] = old.k
         new.v[:, :, :, :cap] = old.v
         new.kmin[:, :, :, :nb] = old.kmin
         new.kmax[:, :, :, :nb] = old.kmax
         new.lengths.copy_(old.lengths)
-        new.host_lengths = list(old.host_lengths)
         self.kv = new

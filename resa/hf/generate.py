@@ -1,10 +1,10 @@
 """ReSA generation for transformers models: `model.generate(..., custom_generate=resa.hf.generate)`.
 
-The loop mirrors transformers' sampling loop (same logits processors, stopping criteria, sampling
-settings, EOS padding of finished rows, same output types) and our engine's schedule
-(`resa.engine`): dense chunked prefill, sparse decode steps, and a dense rectification pass every
-f = rectify_every generated tokens that overwrites the window's K/V in every layer (the schedule is
-`resa.rectify.feed_token`, shared with the engine):
+Generation runs our one loop (`resa.generate.decode`) through our runner, with the transformers
+model behind a thin adapter, and applies transformers' sampling step (same logits processors,
+stopping criteria, sampling settings, EOS padding of finished rows, same output types): dense
+chunked prefill, sparse decode steps, and a dense rectification pass every f = rectify_every
+generated tokens that overwrites the window's K/V in every layer (`resa.rectify.schedule`):
 - paper: after sampling token t (t > 0, t % f == 0), tokens t-f .. t-1 are re-run densely and their
   K/V overwritten; token t is then fed by a sparse step.
 - fused: tokens are fed sparsely except when t % f == f - 1, where one dense pass over tokens
@@ -21,7 +21,8 @@ import torch
 
 from ..cache import Span
 from ..config import ResaConfig
-from ..rectify import feed_token
+from ..generate import decode
+from ..runner import Runner
 from .cache import ResaCache, ResaPass
 from .enable import enabled_config
 
@@ -48,70 +49,46 @@ def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> li
     return rows
 
 
-class _Runner:
-    """Runs forward passes of a transformers model against a `ResaCache`."""
+class _HFModel:
+    """A transformers causal LM seen as a model of `resa.runner.Runner`: `run` is one forward pass
+    of the transformers model against the `ResaCache` that wraps the runner's KV cache."""
+
+    graph_safe = False  # transformers' forward reads host values; the runner runs it eagerly
 
     def __init__(self, model, cache: ResaCache) -> None:
         self.model = model
         self.cache = cache
+        self.backend = cache.backend
         self.cache_arg = _cache_kwarg(model)
-        self.device = cache.kv.k.device
 
-    def forward(self, ids: torch.Tensor, span: Span, sparse: ResaConfig | None,
-                keep: int | torch.Tensor = 1) -> torch.Tensor:
-        """One pass over ids [B, T] written at `span`; returns fp32 logits [B, K, V] of the
-        positions `keep` selects (transformers' `logits_to_keep`)."""
-        B, T = ids.shape
-        positions = span.start_t[:, None] + torch.arange(T, device=self.device)[None, :]
+    def run(self, tokens: torch.Tensor, kv, span: Span, sparse: ResaConfig | None,
+            cols: int | torch.Tensor = -1, observe=None) -> torch.Tensor:
+        """fp32 logits [B, V] of column `cols` of each row (an int, or a [B] tensor) after a pass
+        over tokens [B, T] written at `span`."""
+        if kv is not self.cache.kv:
+            raise ValueError("the transformers adapter runs against its own ResaCache's storage")
+        if observe is not None:
+            raise ValueError("query observers are not supported on transformers models")
+        B, T = tokens.shape
+        device = tokens.device
+        positions = span.start_t[:, None] + torch.arange(T, device=device)[None, :]
+        if isinstance(cols, int):
+            keep, pick = torch.tensor([cols % T], device=device), torch.zeros(B, dtype=torch.int64, device=device)
+        else:
+            keep, pick = torch.unique(cols, return_inverse=True)
         # A 4-D mask is passed through to the attention function untouched, which skips
         # transformers' mask construction: the ReSA attention takes visibility from the span.
-        placeholder_mask = torch.ones(B, 1, T, 1, dtype=torch.bool, device=self.device)
+        placeholder_mask = torch.ones(B, 1, T, 1, dtype=torch.bool, device=device)
         self.cache.begin(ResaPass(span, sparse))
         try:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=placeholder_mask,
-                             position_ids=positions, use_cache=True, logits_to_keep=keep,
-                             resa_cache=self.cache, **{self.cache_arg: self.cache})
+            out = self.model(input_ids=tokens, attention_mask=placeholder_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=keep, resa_cache=self.cache,
+                             **{self.cache_arg: self.cache})
         except BaseException:
             self.cache.abort()
             raise
         self.cache.end()
-        return out.logits.float()
-
-    def prefill(self, prompts: list[list[int]], chunk: int) -> torch.Tensor:
-        """Dense chunked prefill; returns fp32 logits [B, V] of each row's last prompt token."""
-        lens = [len(p) for p in prompts]
-        B, longest = len(prompts), max(lens)
-        ids = torch.zeros(B, longest, dtype=torch.int64)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        last: list[torch.Tensor | None] = [None] * B
-        for c0 in range(0, longest, chunk):
-            width = min(chunk, longest - c0)
-            start = [min(c0, n) for n in lens]
-            n_valid = [max(0, min(n - c0, width)) for n in lens]
-            cols = {b: n - 1 - c0 for b, n in enumerate(lens) if c0 <= n - 1 < c0 + width}
-            keep_cols = sorted(set(cols.values()))
-            keep = torch.tensor(keep_cols, device=self.device) if keep_cols else 1
-            span = Span.make(start, n_valid, width, self.device)
-            logits = self.forward(ids[:, c0:c0 + width], span, None, keep)
-            for b, col in cols.items():
-                last[b] = logits[b, keep_cols.index(col)]
-        return torch.stack(last)
-
-    def step(self, token: torch.Tensor, sparse: ResaConfig | None) -> torch.Tensor:
-        """Feed one token per row at the end of each row; fp32 logits [B, V]."""
-        B = token.shape[0]
-        span = Span.make(self.cache.lengths, [1] * B, 1, self.device)
-        return self.forward(token.view(B, 1), span, sparse)[:, -1]
-
-    def dense_window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
-        """Dense pass over tokens [B, W] whose first `overwrite` are the newest tokens of every row
-        (their K/V is rewritten in every layer); the rest are appended. fp32 logits [B, V] of the
-        last position."""
-        B, W = tokens.shape
-        start = [n - overwrite for n in self.cache.lengths]
-        span = Span.make(start, [W] * B, W, self.device)
-        return self.forward(tokens, span, None)[:, -1]
+        return out.logits.float()[torch.arange(B, device=device), pick]
 
 
 def _check_supported(generation_config, model_kwargs: dict[str, Any]) -> None:
@@ -177,9 +154,10 @@ def generate(
         raise ValueError("set max_new_tokens (or max_length above the prompt length)")
     prompts = _prompts(input_ids, model_kwargs.get("attention_mask"))
     lens = [len(p) for p in prompts]
-    cache = ResaCache.for_model(model, B, resa.block_size, capacity=max(lens) + max_new, backend=backend)
+    cache = ResaCache.for_model(model, B, resa.block_size, capacity=max(lens) + max_new, static=True,
+                                backend=backend)
     cache.stats.prompt_tokens = lens
-    run = _Runner(model, cache)
+    runner = Runner(_HFModel(model, cache), cache.kv, cuda_graphs=False)
     device = input_ids.device
 
     pad = getattr(generation_config, "_pad_token_tensor", None)
@@ -188,43 +166,44 @@ def generate(
     has_eos = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     keep_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     keep_logits = generation_config.return_dict_in_generate and generation_config.output_logits
-    scores_out: tuple[torch.Tensor, ...] = ()
-    logits_out: tuple[torch.Tensor, ...] = ()
+    state = {"sequences": input_ids, "scores": (), "logits": (), "last_scores": None,
+             "unfinished": torch.ones(B, dtype=torch.long, device=device)}
 
-    logits = run.prefill(prompts, resa.prefill_chunk).to(device)
-    sequences = input_ids
-    history = torch.empty(B, max_new, dtype=torch.int64, device=run.device)
-    unfinished = torch.ones(B, dtype=torch.long, device=device)
-    f = resa.rectify_every
-    for t in range(max_new):
-        scores = logits_processor(sequences, logits)
+    def pick(logits: torch.Tensor, t: int) -> torch.Tensor:
+        """transformers' sampling step: processors on the sequences so far, argmax or multinomial,
+        finished rows padded."""
+        logits = logits.to(device)
+        scores = logits_processor(state["sequences"], logits)
         if keep_scores:
-            scores_out += (scores,)
+            state["scores"] += (scores,)
         if keep_logits:
-            logits_out += (logits,)
+            state["logits"] += (logits,)
         if generation_config.do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             token = torch.argmax(scores, dim=-1)
         if has_eos:
-            token = token * unfinished + pad.to(device) * (1 - unfinished)
-        sequences = torch.cat([sequences, token[:, None]], dim=-1)
-        history[:, t] = token.to(run.device)
+            token = token * state["unfinished"] + pad.to(device) * (1 - state["unfinished"])
+        state["sequences"] = torch.cat([state["sequences"], token[:, None]], dim=-1)
+        state["last_scores"] = scores
         if streamer is not None:
             streamer.put(token.cpu())
-        unfinished = unfinished & ~stopping_criteria(sequences, scores)
-        if unfinished.max() == 0 or t == max_new - 1:
-            break
-        length_before = cache.lengths[0]
-        fed = feed_token(run, history, t, resa, max_length=max(cache.lengths))
-        if fed.rectified:
-            # the window ends at the newest token before the paper pass, after the fused one
-            end = length_before if fed.sparse else length_before + 1
-            cache.stats.rectified_at.append((t, end - f, f))
-            cache.stats.rectifications += 1
-        cache.stats.sparse_steps += fed.sparse
-        logits = fed.logits.to(device)
-        cache.stats.decode_steps += 1
+        return token.to(runner.device)
+
+    class _Stopping:
+        def take(self, tokens: list[list[int]]) -> bool:
+            done = stopping_criteria(state["sequences"], state["last_scores"])
+            state["unfinished"] = state["unfinished"] & ~done
+            return bool(state["unfinished"].max() == 0)
+
+    logits = runner.extend(prompts, resa.prefill_chunk)
+    stats = decode(runner, logits, resa=resa, pick=pick, sink=_Stopping(), max_new_tokens=max_new, sync_every=1)
+    cache.stats.decode_steps = stats.decode_steps
+    cache.stats.sparse_steps = stats.sparse_steps
+    cache.stats.rectifications = stats.rectifications
+    cache.stats.rectified_at = list(stats.rectified_at)
+    sequences = state["sequences"]
+    scores_out, logits_out = state["scores"], state["logits"]
     if streamer is not None:
         streamer.end()
     if not generation_config.return_dict_in_generate:

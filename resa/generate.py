@@ -1,0 +1,165 @@
+"""The generation loop: every caller that generates (the engine's `generate_ids`, evaluation
+tasks, benchmarks, the transformers integration) drives this one loop over a prefilled `Runner`.
+
+Rows generate in lock-step (token t of every row in the same step), so one rectification
+schedule (`resa.rectify.schedule`) serves the whole batch; row lengths may differ. Sampled tokens
+stay on the device and reach the host every `sync_every` tokens, where a `Sink` checks them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from .config import ResaConfig
+from .cost import step_reads
+from .rectify import schedule
+from .runner import Runner
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    rectify_variant: str
+    prompt_tokens: list[int]
+    new_tokens: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    sparse_steps: int = 0
+    rectifications: int = 0
+    # (t, first position of the window in row 0, width) of each rectification; t is the index of
+    # the generated token being fed when it ran
+    rectified_at: list[tuple[int, int, int]] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    capture_seconds: float = 0.0  # part of prefill + decode spent capturing CUDA graphs (first use)
+    kv_tokens_read: int = 0
+    kv_tokens_dense: int = 0
+    peak_memory_gib: float | None = None  # CUDA only: weights + cache + activations
+
+    @property
+    def kv_read_fraction(self) -> float:
+        """K/V bytes the decode attention read (selected blocks + block summaries + rectification
+        passes) over what dense decoding would have read."""
+        return self.kv_tokens_read / self.kv_tokens_dense if self.kv_tokens_dense else 1.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens produced by decode steps (all rows) per second of decoding; NaN when no decode
+        step ran (the first token of a row comes from the prefill)."""
+        decoded = sum(max(0, n - 1) for n in self.new_tokens)
+        if self.decode_steps == 0 or decoded == 0 or self.decode_seconds <= 0:
+            return float("nan")
+        return decoded / self.decode_seconds
+
+    def summary(self) -> str:
+        variant = f" ({self.rectify_variant})" if self.mode == "resa" else ""
+        tps = self.tokens_per_second
+        speed = f"{tps:.1f} tok/s" if tps == tps else "n/a"
+        return (
+            f"mode={self.mode}{variant} prompt_tokens={sum(self.prompt_tokens)} "
+            f"new_tokens={sum(self.new_tokens)} decode={speed} "
+            f"prefill={self.prefill_seconds:.2f}s kv_read={self.kv_read_fraction:.3f} "
+            f"rectifications={self.rectifications}"
+            + (f" graph_capture={self.capture_seconds:.2f}s" if self.capture_seconds else "")
+            + (f" peak_memory={self.peak_memory_gib:.1f}GiB" if self.peak_memory_gib is not None else "")
+        )
+
+
+class Sink(Protocol):
+    def take(self, tokens: list[list[int]]) -> bool:
+        """tokens[b]: the tokens row b sampled since the last call. Returns True when every row
+        is done (generation stops)."""
+
+
+# pick(logits [B, V] fp32, t) -> the tokens [B] (device) of generated position t.
+Picker = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class Collector:
+    """The engine's sink: per-row outputs up to an EOS id (excluded) or a stop from on_token."""
+
+    def __init__(self, rows: int, eos: Sequence[int], on_token: Callable[[int, int], bool] | None) -> None:
+        self.outputs: list[list[int]] = [[] for _ in range(rows)]
+        self.reasons = ["length"] * rows
+        self.done = [False] * rows
+        self.eos = set(eos)
+        self.on_token = on_token
+
+    def take(self, tokens: list[list[int]]) -> bool:
+        for b, toks in enumerate(tokens):
+            for tok in toks:
+                if self.done[b]:
+                    break
+                if tok in self.eos:
+                    self.done[b], self.reasons[b] = True, "eos"
+                    break
+                self.outputs[b].append(tok)
+                if self.on_token is not None and self.on_token(b, tok):
+                    self.done[b], self.reasons[b] = True, "stop"
+        return all(self.done)
+
+
+def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Picker, sink: Sink,
+           max_new_tokens: int, rows: int | None = None, sync_every: int = 1,
+           stats: GenerationStats | None = None) -> GenerationStats:
+    """Generate up to `max_new_tokens` per row from a prefilled runner.
+
+    logits: [B, V] of each row's last cached token (token 0 is picked from them). Token t >= 1
+    comes from feeding token t-1 as `resa.rectify.schedule` says (sparse step, dense step, or
+    rectification window). rows: the first `rows` rows are real (the others fill a batch bucket
+    and are never shown to the sink). Tokens reach `sink` every `sync_every` tokens (and at the
+    end); the steps after a row's stop inside a group are wasted work, not output.
+    """
+    B = runner.batch
+    rows = B if rows is None else rows
+    if stats is None:
+        stats = GenerationStats("dense" if resa.is_dense else resa.mode, resa.rectify_variant, runner.lengths[:rows])
+    f = resa.rectify_every
+    history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=runner.device)
+    checked = 0
+    capture0 = runner.capture_seconds
+    t0 = wall_clock(runner.device)
+    for t in range(max_new_tokens):
+        history[:, t] = pick(logits, t)
+        last = t == max_new_tokens - 1
+        if last or (t + 1) % sync_every == 0:
+            finished = sink.take(history[:rows, checked:t + 1].tolist())
+            checked = t + 1
+            if finished:
+                break
+        if last:
+            break
+        before = runner.lengths[:rows]
+        feed = schedule(t, resa, max(before))
+        if feed.rewrite_before:
+            runner.window(history[:, t - f:t], overwrite=f)
+        if feed.window:
+            w = feed.window
+            logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1)
+        else:
+            logits = runner.step(history[:, t], resa if feed.sparse else None)
+        after = runner.lengths[:rows]
+        stats.decode_steps += 1
+        if feed.rectifies:
+            stats.rectifications += 1
+            stats.rectified_at.append((t, before[0] - (feed.rewrite_before or feed.window - 1),
+                                       feed.rewrite_before or feed.window))
+        stats.sparse_steps += feed.sparse and not feed.window
+        stats.kv_tokens_dense += sum(after)
+        if feed.window or not feed.sparse:
+            stats.kv_tokens_read += sum(after)
+        else:
+            stats.kv_tokens_read += sum(step_reads(n, resa) for n in after)
+            stats.kv_tokens_read += sum(before) if feed.rewrite_before else 0
+    stats.decode_seconds = wall_clock(runner.device) - t0
+    stats.capture_seconds += runner.capture_seconds - capture0
+    return stats
+
+
+def wall_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
