@@ -170,3 +170,32 @@ def test_back_to_back_calls_stay_flat(engine, monkeypatch):
           f"after warm-up {baseline:.0f} MiB, end {final:.0f} MiB, max drift {drift:.0f} MiB "
           f"(samples: {', '.join(f'{m:.0f}' for m in samples)}); sampler calls checked: {guard.calls}")
     assert drift < 64, f"memory drifted by {drift:.0f} MiB over {calls - warmup} calls"
+
+
+def test_ctrl_c_keeps_the_streamed_text(tmp_path):
+    """A real Ctrl-C (SIGINT) in the middle of `resa generate`: exit 130, the text already
+    streamed stays on stdout, one line on stderr and no traceback."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RESA_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "resa", "generate", "-n", "2000", "--temperature", "0.8",
+                             "--seed", "1", "Write a long story about a lighthouse."],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    streamed = b""
+    deadline = time.time() + 300
+    while len(streamed) < 200 and time.time() < deadline:  # wait until some text has streamed
+        ready, _, _ = select.select([proc.stdout], [], [], 5)
+        if ready:
+            streamed += os.read(proc.stdout.fileno(), 4096)
+    assert len(streamed) >= 200, "no text streamed in time"
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    text = (streamed + rest).decode()
+    assert len(text.strip()) >= 200 and text.endswith("\n")  # the text stays, its line is ended
+    assert err.decode() == "resa generate: interrupted\n"
