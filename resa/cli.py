@@ -3,7 +3,8 @@
 Every command runs inside one error boundary (`run_guarded`): resa's own errors, unreadable
 files, undecodable input and out-of-memory end as one line on stderr and exit 2 (a usage
 error: a bad argument, setting or input) or 1 (anything else); Ctrl-C exits 130 and keeps the
-text already written. `--debug` (or RESA_DEBUG=1) lets the exception through with its traceback.
+text already written; a closed stdout (`| head`) ends it quietly with 141. `--debug` (or
+RESA_DEBUG=1) lets the exception through with its traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 from .config import GROUP_POOLS
 from .errors import ResaError, UsageError
 
-EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
 RESA_HELP = """\
 ReSA settings (Rectified Sparse Attention):
@@ -298,6 +299,11 @@ def run_guarded(name: str, fn: Callable[[], int | None], debug: bool = False) ->
         _flush()
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (`resa generate ... | head`): stop quietly, as the
+        # shell's own tools do, and keep Python from complaining again when it flushes at exit.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 -- the boundary: nothing escapes as a traceback
@@ -305,6 +311,14 @@ def run_guarded(name: str, fn: Callable[[], int | None], debug: bool = False) ->
         message, code = error_line(exc)
         print(f"{name}: error: {message}", file=sys.stderr)
         return code
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _flush() -> None:

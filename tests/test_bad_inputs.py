@@ -419,3 +419,20 @@ def test_error_family_exit_codes():
 
     assert resa.config.ConfigError is ConfigError  # the old import path still works
 
+
+
+def test_closed_stdout_ends_quietly(monkeypatch, capsys):
+    """`resa generate ... | head`: the reader went away; exit 141 without an error message."""
+    import resa.engine
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(resa.engine.Engine, "load", staticmethod(_fake(None)))
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = cli.main(["generate", "hi"])
+    assert code == 141 and capsys.readouterr().err == ""
