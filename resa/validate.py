@@ -205,12 +205,20 @@ def check_load_args(*, device: Any, dtype: Any, backend: Any) -> tuple[torch.dev
     return check_device(device), check_dtype(dtype), check_backend(backend)
 
 
-def check_sequence_of_ints(name: str, values: Any) -> tuple[int, ...]:
-    """A sequence of integers (e.g. eos_token_ids); None is not accepted here."""
+def check_token_ids(name: str, values: Any, vocab_size: int | None = None) -> tuple[int, ...] | None:
+    """A collection of token ids such as `eos_token_ids`: None passes through (the default); else
+    integers, each in [0, vocab_size) when vocab_size is given. An empty collection is allowed
+    (e.g. eos_token_ids=(): ignore EOS)."""
+    if values is None:
+        return None
+    if is_int(values):
+        raise UsageError(f"{name} must be a list of token ids, got the int {values}; pass [{values}]")
     if isinstance(values, (str, bytes, bytearray, Mapping)) or not isinstance(values, Iterable):
-        raise UsageError(f"{name} must be a list of integers, got {_kind(values)}")
+        raise UsageError(f"{name} must be a list of token ids, got {_kind(values)}")
     out = tuple(values)
     for i, v in enumerate(out):
         if not is_int(v):
-            raise UsageError(f"{name}[{i}] is {v!r}; it must be an integer")
+            raise UsageError(f"{name}[{i}] is {v!r} ({_kind(v)}); token ids must be integers")
+        if vocab_size is not None and not 0 <= v < vocab_size:
+            raise UsageError(f"{name}[{i}] = {v} is outside the model's vocabulary of {vocab_size} ids")
     return out

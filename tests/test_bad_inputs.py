@@ -302,6 +302,10 @@ VALIDATE_CASES = [
      r"max_new_tokens must be >= 1, got 0"),
     ("sync-every-zero", lambda: validate.check_generation_args(resa=ResaConfig(), sampling=SamplingConfig(), max_new_tokens=1,
                                                                sync_every=0), r"sync_every must be >= 1, got 0"),
+    ("eos-int", lambda: validate.check_token_ids("eos_token_ids", 2, V), r"got the int 2; pass \[2\]"),
+    ("eos-out-of-vocab", lambda: validate.check_token_ids("eos_token_ids", [1, 99], V),
+     r"eos_token_ids\[1\] = 99 is outside the model's vocabulary of 50 ids"),
+    ("eos-str", lambda: validate.check_token_ids("eos_token_ids", ["</s>"], V), r"eos_token_ids\[0\] is '</s>' \(str\)"),
     ("dtype-str-bad", lambda: validate.check_load_args(device="cpu", dtype="float8", backend="auto"),
      r"dtype 'float8' is not supported; use one of float32, bfloat16, float16"),
     ("dtype-int", lambda: validate.check_load_args(device="cpu", dtype=torch.int64, backend="auto"),
@@ -341,6 +345,8 @@ def test_validate_accepts_and_normalises():
     assert validate.check_load_args(device=torch.device("cpu"), dtype=None, backend="auto")[1] is None
     validate.check_generation_args(resa=ResaConfig(), sampling=SamplingConfig(seed=2**64 - 1), max_new_tokens=1)
     assert SamplingConfig(seed=0).seed == 0
+    assert validate.check_token_ids("eos_token_ids", None, V) is None
+    assert validate.check_token_ids("eos_token_ids", (), V) == () and validate.check_token_ids("e", [0, 49], V) == (0, 49)
 
 
 # ---- damaged files ----------------------------------------------------------------------------
