@@ -74,8 +74,8 @@ def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tenso
     B, _, T, _ = k_new.shape
     cols = torch.arange(T, device=k_new.device)
     if span.full:
-        rows = torch.arange(B, device=k_new.device)[:, None]
-        pos = span.start_t[:, None] + cols[None, :]
+        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=k_new.device)[:, None],
+                                                      span.start_t[:, None] + cols[None, :]))
         # Advanced indices on dims 0 and 2 put the (B, T) index dims first: values are [B, T, HKV, D].
         k_l[rows, :, pos] = k_new.transpose(1, 2)
         v_l[rows, :, pos] = v_new.transpose(1, 2)
@@ -132,7 +132,8 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: Resa
         if T == 1:
             # Dense decode through the split-K decode kernel with every written block selected.
             lengths = span.end_t
-            plan = full_plan(lengths, cache.num_kv_heads, cache.num_blocks, cache.block_size)
+            plan = span.once("full_plan", lambda: full_plan(lengths, cache.num_kv_heads, cache.num_blocks,
+                                                            cache.block_size))
             return sparse_decode_attention(q[:, :, 0], k, v, lengths, plan, cache.block_size, backend)[:, :, None]
         if T <= CHUNK_KERNEL_MAX or not span.on_host:
             from .kernels import chunk_attention as kernel

@@ -7,7 +7,8 @@ chosen in `resa.attention`, and the host copy of the row lengths belongs to `res
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,9 @@ class Span:
     start_t, n_valid_t: [B] int64 device tensors (what kernels read, no host sync). `start` and
     `n_valid` are their host mirrors, present on eager passes and None on passes a CUDA graph
     captures (device-only spans, built by `Span.on_device`). `full`: every row writes all
-    `width` columns (decode steps and rectification windows).
+    `width` columns (decode steps and rectification windows). end_t = start_t + n_valid_t is
+    computed once per pass, like everything `derived` holds (e.g. the dense decode plan that every
+    layer shares), so a captured graph does not repeat those kernels in every layer.
     """
 
     start_t: torch.Tensor
@@ -33,6 +36,17 @@ class Span:
     full: bool
     start: tuple[int, ...] | None = None
     n_valid: tuple[int, ...] | None = None
+    end_t: torch.Tensor = field(init=False, repr=False, compare=False)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end_t", self.start_t + self.n_valid_t)
+
+    def once(self, key: str, make: Callable[[], object]):
+        """`make()` computed on the first call per key for this pass, then reused."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
     @classmethod
     def make(cls, start, n_valid, width: int, device: torch.device | str) -> "Span":
@@ -63,10 +77,6 @@ class Span:
         if self.start is None:
             raise ValueError("a device-only span has no host row lengths")
         return tuple(s + n for s, n in zip(self.start, self.n_valid))
-
-    @property
-    def end_t(self) -> torch.Tensor:
-        return self.start_t + self.n_valid_t
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ from resa.config import ResaConfig
 from resa.engine import Engine
 from tests.tiny import random_prompts, tiny_model
 
+# CPU tests of the kernels under Triton's interpreter; on CUDA machines tests/test_engine_gpu.py
+# runs the same path on the GPU.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test (CPU tensors)")
+
 # head_dim 64: the smallest the kernels take. Block 16 with min_blocks 2 makes ~100-token rows sparse;
 # prefill chunks wider than the chunk kernel's limit run through SDPA (the interpreter is slow).
 CFG = ResaConfig(mode="resa", block_size=16, min_blocks=2, active_ratio=0.3, rectify_every=4, prefill_chunk=256)
