@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -15,7 +15,7 @@ RECTIFY_VARIANTS = ("paper", "fused")
 GROUP_POOLS = ("mean", "max")
 
 
-__all__ = ["ConfigError", "GROUP_POOLS", "MODES", "ModelConfig", "RECTIFY_VARIANTS", "ROPE_TYPES",
+__all__ = ["ConfigError", "UnsupportedModelError", "GROUP_POOLS", "MODES", "ModelConfig", "RECTIFY_VARIANTS", "ROPE_TYPES",
            "ResaConfig", "RopeConfig", "SUPPORTED_ARCHS", "is_int", "is_number"]
 
 
@@ -57,7 +57,7 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"unsupported RoPE scaling type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
             )
         if not (is_number(self.theta) and self.theta > 0):
@@ -107,7 +107,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or self.arch not in SUPPORTED_ARCHS:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"unsupported architecture {self.arch!r}; resa supports {', '.join(SUPPORTED_ARCHS)}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -145,19 +145,19 @@ class ModelConfig:
             raise ConfigError(f"config.json must hold a JSON object ({{...}}), got a {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHS:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r} in config.json; resa supports "
                 f"{', '.join(SUPPORTED_ARCHS)}"
             )
         if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
-            raise ConfigError("soft-capped attention is not supported")
+            raise UnsupportedModelError("soft-capped attention is not supported")
         context = _hf_int(cfg, "max_position_embeddings", 4096)
         use_sliding = cfg.get("use_sliding_window", model_type == "mistral")
         window = cfg.get("sliding_window")
         if window is not None and not is_int(window):
             raise ConfigError(f"field 'sliding_window' must be an integer or null, got {window!r}")
         if use_sliding and window is not None and window < context:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"sliding-window attention (window {window}) is not supported; ReSA needs full attention"
             )
         heads = _hf_int(cfg, "num_attention_heads")

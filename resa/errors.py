@@ -2,9 +2,11 @@
 
     ResaError                  anything resa reports with a message meant for the user
     +-- UsageError             a bad argument or setting from the caller (also a ValueError)
-    |   +-- ConfigError        a configuration value out of range or an unsupported model config
-    +-- LoaderError            a checkpoint, GGUF file, cache entry or tokenizer cannot be used
-                               (also a ValueError)
+    |   +-- ConfigError        a configuration value out of range or of the wrong type
+    |       +-- UnsupportedModelError  a well-formed model resa cannot run (architecture,
+    |                                  sliding-window or soft-capped attention, RoPE scaling)
+    +-- LoaderError            a checkpoint, GGUF file, cache entry or tokenizer cannot be used,
+                               malformed config files included (also a ValueError)
 
 Every message names what is wrong (the argument, file, tensor or field) and says what to do.
 Both UsageError and LoaderError subclass ValueError, so code that catches ValueError keeps working.
@@ -28,6 +30,10 @@ class UsageError(ResaError, ValueError):
 
 class ConfigError(UsageError):
     """A configuration value is missing, out of range or unsupported (settings or model config)."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The model is well formed but uses something resa does not implement."""
 
 
 class LoaderError(ResaError, ValueError):

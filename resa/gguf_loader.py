@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from resa.config import ConfigError, ModelConfig, RopeConfig, is_int
+from resa.errors import UnsupportedModelError
 from resa.errors import LoaderError
 from resa.tokenizer import Tokenizer
 from resa.weights_table import check_finite, check_tensors
@@ -56,7 +57,7 @@ class _Pending(NamedTuple):
 def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Config, HF-named tensors and tokenizer of a GGUF file (no caching; see resa.loader).
 
-    Raises LoaderError for unreadable/truncated files and unsupported contents, ConfigError for
+    Raises LoaderError for unreadable/truncated files and unsupported contents, UnsupportedModelError for
     architectures resa cannot run.
     """
     path = Path(path)
@@ -183,7 +184,7 @@ def gguf_config(reader: Any, source: str = "GGUF file") -> ModelConfig:
     """ModelConfig from GGUF metadata ({arch}.block_count, .embedding_length, ...)."""
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
-        raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; resa runs "
+        raise UnsupportedModelError(f"{source}: GGUF architecture {arch!r} is not supported; resa runs "
                           f"{', '.join(_ARCHS)} (Mistral GGUFs are stored as llama)")
 
     def meta(key: str, default: Any = None) -> Any:
@@ -212,12 +213,15 @@ def gguf_config(reader: Any, source: str = "GGUF file") -> ModelConfig:
     context = meta("context_length", 4096)
     window = meta("attention.sliding_window")
     if window and window < context:
-        raise ConfigError(f"{source}: sliding-window attention (window {window}) is not supported; "
+        raise UnsupportedModelError(f"{source}: sliding-window attention (window {window}) is not supported; "
                           "ReSA needs full attention")
     try:
         return _model_config(reader, arch, names, hidden, heads, kv_heads, head_dim, context, meta, source)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{source}: {exc}") from exc
     except ConfigError as exc:
-        raise ConfigError(f"{source}: GGUF metadata: {exc}") from exc
+        raise LoaderError(f"{source}: GGUF metadata: {exc}; the file is damaged or was not written by "
+                          "llama.cpp") from exc
 
 
 def _model_config(reader: Any, arch: str, names: dict, hidden: int, heads: int, kv_heads: int, head_dim: int,

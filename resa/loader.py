@@ -2,8 +2,8 @@
 
 Loaders fail loudly: every problem (missing file, truncated shard, a tensor the config does not
 explain, a wrong shape, a NaN or infinite weight, a tokenizer with ids past the vocabulary) is a
-LoaderError that names the file or tensor and says what to do. Architectures resa cannot run and
-malformed config.json fields raise ConfigError (from `resa.errors`), prefixed with the file.
+LoaderError that names the file or tensor and says what to do, malformed config.json fields
+included. Models resa cannot run raise UnsupportedModelError (a ConfigError, from `resa.errors`).
 GGUF conversions are cached in $XDG_CACHE_HOME/resa (else ~/.cache/resa); see
 `conversion_cache_path`. A cache entry carries a CRC32 of its payload (checked on every read; a
 mismatch rebuilds it with a warning); temp files of a conversion that died are swept by the next.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from resa.config import ModelConfig, RopeConfig
-from resa.errors import ConfigError, LoaderError
+from resa.errors import ConfigError, LoaderError, UnsupportedModelError
 from resa.gguf_loader import load_gguf
 from resa.tokenizer import Tokenizer
 from resa.weights_table import check_finite, check_tensors
@@ -116,7 +116,7 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
         raise LoaderError(f"{cfg_file}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise LoaderError(f"{cfg_file}: must hold a JSON object ({{\"model_type\": ..., ...}}), got a JSON "
-                          f"{type(raw).__name__}; save the model's config again")
+                          f"{type(raw).__name__}; save the model's config again (model.config.save_pretrained)")
     quant = raw.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
@@ -124,8 +124,10 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
                           "unquantized weights or a GGUF file")
     try:
         return ModelConfig.from_hf(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{cfg_file}: {exc}") from exc
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{cfg_file}: {exc}") from exc
+    except ConfigError as exc:  # a field of the wrong type or value: the file is malformed
+        raise LoaderError(f"{cfg_file}: {exc}; fix the file or save the model's config again") from exc
 
 
 def _load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from resa import cli, validate
 from resa.config import ConfigError, ModelConfig, ResaConfig
-from resa.errors import LoaderError, ResaError, UsageError
+from resa.errors import LoaderError, ResaError, UnsupportedModelError, UsageError
 from resa.loader import load_checkpoint
 from resa.sampling import SamplingConfig
 from tests.test_gguf_loader import tiny_config as gguf_tiny_config
@@ -150,7 +150,7 @@ CLI_CASES = [
      r"model.safetensors: tensor model.layers.1.mlp.down_proj.weight holds 1 non-finite value"),
     ("model-config-list", ["generate", "--model", "{cfglist}", "hi"], None, None, 1,
      r"config.json: must hold a JSON object .* got a JSON list"),
-    ("model-zero-heads", ["generate", "--model", "{zeroheads}", "hi"], None, None, 2,
+    ("model-zero-heads", ["generate", "--model", "{zeroheads}", "hi"], None, None, 1,
      r"config.json: field 'num_attention_heads' must be a positive integer, got 0"),
     ("interrupted", ["generate", "hi"], None, _fake(KeyboardInterrupt()), 130, r"resa generate: interrupted$"),
     ("out-of-memory", ["generate", "hi"], None, _fake(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")),
@@ -383,20 +383,20 @@ FILE_CASES = [
      LoaderError, r"tensor token_embd.weight \(model.embed_tokens.weight\) holds \d+ non-finite"),
     ("config-list", lambda p: hf_folder(p, config=[1, 2]), LoaderError, r"config.json: must hold a JSON object .* got a JSON list"),
     ("config-string", lambda p: hf_folder(p, config="llama"), LoaderError, r"config.json: must hold a JSON object .* got a JSON str"),
-    ("zero-heads", lambda p: hf_with(p, num_attention_heads=0), ConfigError,
+    ("zero-heads", lambda p: hf_with(p, num_attention_heads=0), LoaderError,
      r"config.json: field 'num_attention_heads' must be a positive integer, got 0"),
-    ("heads-as-string", lambda p: hf_with(p, num_attention_heads="4"), ConfigError,
+    ("heads-as-string", lambda p: hf_with(p, num_attention_heads="4"), LoaderError,
      r"config.json: field 'num_attention_heads' must be a positive integer, got '4'"),
-    ("zero-kv-heads", lambda p: hf_with(p, num_key_value_heads=0), ConfigError, r"field 'num_key_value_heads' must be a positive"),
-    ("vocab-as-float", lambda p: hf_with(p, vocab_size=262.0), ConfigError, r"field 'vocab_size' must be a positive integer, got 262.0"),
-    ("layers-missing", lambda p: hf_with(p, num_hidden_layers=None), ConfigError, r"config.json: required field 'num_hidden_layers' is missing"),
-    ("hidden-not-multiple", lambda p: hf_with(p, hidden_size=30, num_attention_heads=4), ConfigError,
+    ("zero-kv-heads", lambda p: hf_with(p, num_key_value_heads=0), LoaderError, r"field 'num_key_value_heads' must be a positive"),
+    ("vocab-as-float", lambda p: hf_with(p, vocab_size=262.0), LoaderError, r"field 'vocab_size' must be a positive integer, got 262.0"),
+    ("layers-missing", lambda p: hf_with(p, num_hidden_layers=None), LoaderError, r"config.json: required field 'num_hidden_layers' is missing"),
+    ("hidden-not-multiple", lambda p: hf_with(p, hidden_size=30, num_attention_heads=4), LoaderError,
      r"hidden_size 30 is not a multiple of num_attention_heads 4"),
-    ("eps-string", lambda p: hf_with(p, rms_norm_eps="1e-5"), ConfigError, r"field 'rms_norm_eps' must be a number > 0"),
-    ("rope-theta-string", lambda p: hf_with(p, rope_theta="1e4"), ConfigError, r"field 'rope_theta' must be a number > 0"),
-    ("rope-scaling-string", lambda p: hf_with(p, rope_scaling="linear"), ConfigError, r"field 'rope_scaling' must be a JSON object"),
-    ("eos-string", lambda p: hf_with(p, eos_token_id="</s>"), ConfigError, r"field 'eos_token_id' must be a token id"),
-    ("sliding-window-string", lambda p: hf_with(p, sliding_window="4k"), ConfigError, r"field 'sliding_window' must be an integer"),
+    ("eps-string", lambda p: hf_with(p, rms_norm_eps="1e-5"), LoaderError, r"field 'rms_norm_eps' must be a number > 0"),
+    ("rope-theta-string", lambda p: hf_with(p, rope_theta="1e4"), LoaderError, r"field 'rope_theta' must be a number > 0"),
+    ("rope-scaling-string", lambda p: hf_with(p, rope_scaling="linear"), LoaderError, r"field 'rope_scaling' must be a JSON object"),
+    ("eos-string", lambda p: hf_with(p, eos_token_id="</s>"), LoaderError, r"field 'eos_token_id' must be a token id"),
+    ("sliding-window-string", lambda p: hf_with(p, sliding_window="4k"), LoaderError, r"field 'sliding_window' must be an integer"),
     ("tokenizer-config-list", lambda p: _tok_config(p, ["<s>"]), LoaderError,
      r"tokenizer_config.json: must hold a JSON object .* got a JSON list"),
     ("generation-config-list", lambda p: hf_folder(p, files={"generation_config.json": "[2]"}), LoaderError,
@@ -406,6 +406,10 @@ FILE_CASES = [
     ("tokenizer-bigger-than-vocab", _shrunk_vocab, LoaderError,
      rf"the tokenizer has token ids up to {VOCAB - 1} .* but the model's vocab_size is {VOCAB - 2}; the tokenizer does not belong"),
     ("index-not-object", _bad_index, LoaderError, r"model.safetensors.index.json: not a valid safetensors index"),
+    ("unsupported-arch", lambda p: hf_with(p, model_type="gemma2"), UnsupportedModelError,
+     r"config.json: unsupported model_type 'gemma2' in config.json; resa supports llama, mistral, qwen2, qwen3"),
+    ("softcapping", lambda p: hf_with(p, final_logit_softcapping=30.0), UnsupportedModelError,
+     r"soft-capped attention is not supported"),
 ]
 
 
@@ -420,6 +424,7 @@ def test_damaged_file_rejected(build, error, message, tmp_path):
 
 def test_error_family_exit_codes():
     assert issubclass(ConfigError, UsageError) and issubclass(LoaderError, ValueError)
+    assert issubclass(UnsupportedModelError, ConfigError)
     assert UsageError.exit_code == ConfigError.exit_code == 2 and LoaderError.exit_code == ResaError.exit_code == 1
     import resa.config
 

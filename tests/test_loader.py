@@ -319,5 +319,5 @@ def test_tokenizer_eos_outside_vocabulary(tmp_path):
 def test_malformed_config_errors_name_the_file(tmp_path):
     folder, _, _ = make_checkpoint(tmp_path)
     (folder / "config.json").write_text(json.dumps(hf_config_dict("llama", num_hidden_layers=-2)))
-    with pytest.raises(ConfigError, match=r"ckpt[/\\]config.json: field 'num_hidden_layers' must be a positive integer, got -2"):
+    with pytest.raises(LoaderError, match=r"ckpt[/\\]config.json: field 'num_hidden_layers' must be a positive integer, got -2"):
         load_checkpoint(folder)
