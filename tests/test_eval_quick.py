@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import re
 
 import pytest
 
@@ -24,5 +26,23 @@ def test_quick_task_writes_results_and_report(tmp_path, task):
     assert len(files) == 1
     run = json.loads(files[0].read_text())
     assert run["summary"] and len(run["meta"]["model_sha256"]) == 64
+    numbers = list(_numbers(run["summary"]))
+    assert numbers and all(math.isfinite(x) for x in numbers), f"summary numbers: {numbers[:10]}"
     assert main(["eval", "report", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "REPORT.md").read_text().count("|") > 10
+    # A table row of numbers (a measured value, not only headers and separators).
+    rows = [r for r in (tmp_path / "REPORT.md").read_text().splitlines() if r.startswith("|")]
+    assert any(re.search(r"\|\s*-?\d+(\.\d+)?", r) for r in rows[2:]), rows[:5]
+
+
+def _numbers(x):
+    """Every int/float inside nested dicts and lists (bools excluded)."""
+    if isinstance(x, bool):
+        return
+    if isinstance(x, (int, float)):
+        yield float(x)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _numbers(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _numbers(v)

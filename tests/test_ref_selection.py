@@ -128,3 +128,13 @@ def test_selection_is_topk_of_scores():
         others = [i for i in range(32) if i not in chosen]
         free = [i for i in chosen if i != 31]
         assert min(s[h, free]) >= max(s[h, others])
+
+
+def test_budget_formula_on_tensors_equals_the_integer_one():
+    """One budget formula: its tensor form (the torch top-n, no host sync) equals the int form."""
+    from resa.ref.selection import block_budget
+
+    nb = torch.arange(0, 3000)
+    for ratio, mb in ((0.1, 16), (0.05, 4), (0.333, 1), (1.0, 16), (2.5, 3)):
+        want = torch.tensor([block_budget(int(n), ratio, mb) for n in nb])
+        assert torch.equal(block_budget(nb, ratio, mb), want)

@@ -1,4 +1,4 @@
-"""The one tolerance rule of the test suite (DESIGN.md 4.5).
+"""The one tolerance rule of the test suite.
 
 A fast path is compared with the fp32 reference, and its error is held to what PyTorch itself
 makes when it does the same computation in the same low precision: the kernel may be at most

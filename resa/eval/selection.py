@@ -6,8 +6,8 @@ the step's real post-RoPE queries and cache give:
 - the dense attention of each head (softmax over all cached keys) and its mass per block; a
   group's mass is the mean over its G heads;
 - the blocks three selections keep with the same budget and the same forced local block:
-  "spec" (`select_blocks_ref`: Quest-style min/max bound with the group's mean query, DESIGN.md
-  1.2), "head-max" (the bound of each query head separately, maxed over the group: the engine's
+  "spec" (`select_blocks_ref`: Quest-style min/max bound with the group's mean query, docs/method.md
+  section 2), "head-max" (the bound of each query head separately, maxed over the group: the engine's
   `group_pool="max"`) and "oracle" (the blocks of largest true group mass: the best any block
   choice of that budget can do);
 - mass kept: the share of the group's attention inside the kept blocks;

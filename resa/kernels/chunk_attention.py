@@ -1,6 +1,6 @@
 """Dense causal attention of a short chunk of queries per row over the whole KV cache.
 
-The rectification pass (DESIGN.md 1.3) re-encodes the newest f tokens of every row densely: f
+The rectification pass (docs/method.md 3.2) re-encodes the newest f tokens of every row densely: f
 queries per row against up to the full context. That shape is memory-bound like a decode step
 (the whole cache is read once per pass) but has too few queries for a prefill kernel to fill the
 GPU, so it gets its own split-K kernel:

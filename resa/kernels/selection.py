@@ -1,4 +1,4 @@
-"""Block selection (the GBSA plan, DESIGN.md 1.2 steps 2-6) as Triton kernels, without host sync.
+"""Block selection (the GBSA plan, docs/method.md 2.2-2.6) as Triton kernels, without host sync.
 
 Layout of the work:
 - `select_blocks_kernel`, grid (B * HKV, chunks): pools the G queries of a group (their mean, or
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..config import GROUP_POOLS
-from ..ref.selection import RATIO_SCALE, ratio_ppm
+from ..ref.selection import block_budget, ratio_ppm
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
 
 # Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
@@ -138,6 +138,7 @@ def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slot
     the generated tokens) then costs BLOCK_NB + a small tail instead of twice BLOCK_NB. Only the
     bisection reads the tail; the interpolation and radix variants are launched with an empty one.
     """
+    # resa.ref.selection.block_budget in integer arithmetic (ppm: parts per RATIO_SCALE = 10^6).
     n = tl.maximum((nb.to(tl.int64) * ppm + 999999) // 1000000, tl.minimum(nb, min_blocks).to(tl.int64))
     n = tl.minimum(n, nb.to(tl.int64)).to(tl.int32)
     offs = tl.arange(0, BLOCK_NB)
@@ -310,14 +311,13 @@ class SelectionWorkspace:
                    torch.zeros(rows, dtype=torch.int32, device=device))
 
 
-def _topn_torch(keys, lengths, table, nsel, *, block_size, ppm, min_blocks, local_blocks):
+def _topn_torch(keys, lengths, table, nsel, *, block_size, active_ratio, min_blocks, local_blocks):
     """torch.topk over the kernel's keys (baseline and fallback for very long rows); no host sync."""
     B, HKV, S = table.shape
     nbmax = keys.shape[1]
     dev = keys.device
     nb = (lengths.to(torch.int64) + block_size - 1) // block_size
-    n = torch.maximum((nb * ppm + RATIO_SCALE - 1) // RATIO_SCALE, torch.clamp(nb, max=min_blocks))
-    n = torch.minimum(n, nb)
+    n = block_budget(nb, active_ratio, min_blocks)
     idx = torch.arange(nbmax, device=dev)
     k = keys.reshape(B, HKV, nbmax)
     k = torch.where(idx < nb[:, None, None], k, torch.iinfo(torch.int32).min)
@@ -452,6 +452,6 @@ def select_blocks(
             num_warps=topn_warps,
         )
     elif method == "torch":
-        _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, ppm=ppm,
+        _topn_torch(wkeys[:, :nbmax], lengths, table, nsel, block_size=block_size, active_ratio=active_ratio,
                     min_blocks=min_blocks, local_blocks=local_blocks)
     return table, nsel

@@ -1,4 +1,4 @@
-"""Block summary maintenance (DESIGN.md 1.2 step 1 and 1.3): element-wise min/max of each block's keys.
+"""Block summary maintenance (docs/method.md 2.1 and 3.2): element-wise min/max of each block's keys.
 
 - `update_summaries`: after appending one token per row, fold its key into its block's summary
   (or start the block from it). One tiny launch, grid (B, HKV); replaces ~6 torch ops per layer.

@@ -1,4 +1,4 @@
-"""Reference group block selection (GBSA plan, DESIGN.md 1.2 steps 2-6)."""
+"""Reference group block selection (GBSA plan, docs/method.md 2.2-2.6)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,19 @@ def ratio_ppm(active_ratio: float) -> int:
     return int(round(active_ratio * RATIO_SCALE))
 
 
-def block_budget(num_blocks: int, active_ratio: float, min_blocks: int) -> int:
-    """Blocks kept for a row of `num_blocks` blocks: max(ceil(NB * ratio), min(NB, min_blocks)),
-    never more than NB. The ceiling is taken in integer arithmetic on `ratio_ppm(active_ratio)`."""
+def block_budget(num_blocks, active_ratio: float, min_blocks: int):
+    """Blocks kept for a row of `num_blocks` blocks (docs/method.md 2.4):
+    max(ceil(NB * ratio), min(NB, min_blocks)), never more than NB, 0 for an empty row. The
+    ceiling is taken in integer arithmetic on `ratio_ppm(active_ratio)`. num_blocks: an int, or an
+    integer tensor of per-row counts (then a tensor; no host sync). The Triton top-n evaluates the
+    same expression in-kernel; its tests compare its counts with this function."""
+    ppm = ratio_ppm(active_ratio)
+    if isinstance(num_blocks, torch.Tensor):
+        nb = num_blocks.to(torch.int64)
+        n = torch.maximum((nb * ppm + RATIO_SCALE - 1) // RATIO_SCALE, torch.clamp(nb, max=min_blocks))
+        return torch.clamp(torch.minimum(n, nb), min=0)
     if num_blocks <= 0:
         return 0
-    ppm = ratio_ppm(active_ratio)
     n = max(-(-num_blocks * ppm // RATIO_SCALE), min(num_blocks, min_blocks))
     return min(n, num_blocks)
 
