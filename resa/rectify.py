@@ -52,11 +52,14 @@ def window_was_sparse(resa: ResaConfig, max_length: int) -> bool:
 
 def schedule(t: int, resa: ResaConfig, max_length: int) -> Feed:
     """How generated token t is fed under `resa`; max_length: tokens in the longest row's cache
-    before feeding it. Windows decoded entirely at full budget (short contexts) are not rectified."""
-    if resa.is_dense:
+    before feeding it. Steps at full budget (short contexts: every row keeps all its blocks) are
+    dense steps, and windows decoded entirely at full budget are not rectified."""
+    if resa.is_dense or not window_was_sparse(resa, max_length + 1):
+        # At full budget every block is selected: a dense step attends to exactly the same keys
+        # without reading the block summaries, and the window's K/V is already exact.
         return Feed()
     f = resa.rectify_every
-    if resa.rectifies and window_was_sparse(resa, max_length + 1):
+    if resa.rectifies:
         if resa.rectify_variant == "paper" and t > 0 and t % f == 0:
             return Feed(rewrite_before=f, sparse=True)
         if resa.rectify_variant == "fused" and t % f == f - 1:
