@@ -8,16 +8,22 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import validate
 from .cache import KVCache
 from .config import ResaConfig
+from .errors import UsageError
 from .generate import Collector, GenerationStats, decode, wall_clock
 from .model import Transformer
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UsageError):
     """The prompt (plus the requested new tokens) does not fit the model's context."""
+
+
+class CacheTooLargeError(UsageError):
+    """The KV cache a request needs cannot fit in the free GPU memory."""
 
 
 @dataclass
@@ -65,12 +71,8 @@ class Engine:
         from .default_model import default_model_path
         from .loader import load_checkpoint
 
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
-                             f"(torch {torch.__version__}); use device 'cpu' or a CUDA build of torch")
-
+        dev, dtype, backend = validate.check_load_args(device=device, dtype=dtype, backend=backend)
         ckpt = load_checkpoint(path if path is not None else default_model_path())
-        dev = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         with torch.device("meta"):
@@ -95,7 +97,7 @@ class Engine:
                                         block_size, torch.empty((), dtype=self.dtype).element_size())
             free = torch.cuda.mem_get_info(self.device)[0]
             if need > free:
-                raise ValueError(
+                raise CacheTooLargeError(
                     f"the KV cache for batch {batch} x {capacity} tokens needs {need / 2**30:.1f} GiB but "
                     f"{free / 2**30:.1f} GiB of GPU memory is free; use fewer prompts, shorter prompts or "
                     "fewer new tokens"
@@ -130,7 +132,7 @@ class Engine:
         capacity = max(need, min(-(-need // 4096) * 4096, self.context_length))
         try:
             runner = self.open(rows, capacity, block_size)
-        except ValueError:  # the rounded cache does not fit the free GPU memory: exact size
+        except CacheTooLargeError:  # the rounded cache does not fit the free GPU memory: exact size
             runner = self.open(batch, need, block_size)
         self._pooled = runner
         return runner
@@ -139,7 +141,7 @@ class Engine:
 
     def encode(self, prompts: Sequence[str], chat: bool) -> list[list[int]]:
         if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer; pass token ids to generate_ids")
+            raise UsageError("this engine has no tokenizer; pass token ids to generate_ids")
         out = []
         for p in prompts:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p
@@ -152,7 +154,9 @@ class Engine:
         on_text(row, piece) receives decoded text as it is produced."""
         from .tokenizer import StreamDecoder
 
-        prompt_ids = self.encode(list(prompts), chat)
+        prompts = validate.check_prompts(prompts)
+        stop = validate.check_stop(stop)
+        prompt_ids = self.encode(prompts, chat)
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_ids]
         texts = [""] * len(prompt_ids)
         stopped = [False] * len(prompt_ids)
@@ -196,11 +200,10 @@ class Engine:
     ) -> GenerationResult:
         """Prefill the prompts densely and generate up to max_new_tokens per row (see `decode`).
         keep_cache returns the runner and its KV cache (for inspection)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
+                                       sync_every=sync_every)
+        prompt_ids = validate.check_prompt_ids(prompt_ids, self.model.cfg.vocab_size)
         lens = [len(p) for p in prompt_ids]
-        if not lens:
-            raise ValueError("no prompts given")
         need = max(lens) + max_new_tokens
         if need > self.context_length:
             raise PromptTooLongError(
@@ -246,12 +249,16 @@ class Engine:
         on_token) in groups of this many, so the decode loop does not wait for the GPU every
         token (default 16 on CUDA, 1 on CPU). rows: only the first `rows` rows are output.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
+                                       sync_every=sync_every)
+        eos_token_ids = validate.check_token_ids("eos_token_ids", eos_token_ids, self.model.cfg.vocab_size)
+        if not isinstance(runner, Runner):
+            raise UsageError(f"runner must be a resa.Runner (from Engine.open), got {type(runner).__name__}")
+        if tuple(logits.shape) != (runner.batch, self.model.cfg.vocab_size):
+            raise UsageError(f"logits must be [{runner.batch}, {self.model.cfg.vocab_size}] (one row per runner "
+                             f"row, e.g. what Runner.extend returned), got {list(logits.shape)}")
         if sync_every is None:
             sync_every = 16 if self.device.type == "cuda" else 1
-        if sync_every < 1:
-            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         rows = runner.batch if rows is None else rows
         if eos_token_ids is None:
             eos_token_ids = self._default_eos()

@@ -447,3 +447,39 @@ def test_closed_stdout_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     code = cli.main(["generate", "hi"])
     assert code == 141 and capsys.readouterr().err == ""
+
+
+# ---- the engine's public methods call the checks first (nothing runs before the error) ----
+
+def _tiny_text_engine():
+    from tests.tiny import tiny_engine
+
+    return tiny_engine()
+
+
+ENGINE_CASES = [
+    ("generate-str", lambda e: e.generate("Hi"), r"single str; pass \[prompt\]"),
+    ("ids-out-of-vocab", lambda e: e.generate_ids([[1, 2, 97]]), r"prompt_ids\[0\]\[2\] = 97 is outside"),
+    ("ids-flat", lambda e: e.generate_ids([1, 2, 3]), "flat list of ints"),
+    ("resa-dict", lambda e: e.generate_ids([[1, 2]], resa={"mode": "dense"}), r"ResaConfig\(\*\*d\)"),
+    ("max-new-float", lambda e: e.generate_ids([[1, 2]], max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    ("eos-out-of-vocab", lambda e: e.generate_ids([[1, 2]], eos_token_ids=[500]), "eos_token_ids"),
+    ("decode-not-a-runner", lambda e: e.decode(object(), torch.zeros(1, 97)), "resa.Runner"),
+    ("decode-logits-shape", lambda e: e.decode(e.open(2, 8, 4), torch.zeros(1, 97)), r"logits must be \[2, 97\]"),
+    ("too-long", lambda e: e.generate_ids([[1] * 4000], max_new_tokens=200), "context of 4096"),
+]
+
+
+@pytest.mark.parametrize("case,call,message", ENGINE_CASES, ids=[c[0] for c in ENGINE_CASES])
+def test_engine_methods_reject_bad_arguments(case, call, message):
+    with pytest.raises(UsageError, match=message):
+        call(_tiny_text_engine())
+
+
+def test_engine_load_rejects_bad_device_dtype_backend_before_loading():
+    from resa.engine import Engine
+
+    for kwargs, message in ((dict(device="mps"), "not supported"), (dict(dtype="float8"), "dtype"),
+                            (dict(backend="foo"), "backend must be one of")):
+        with pytest.raises(UsageError, match=message):
+            Engine.load("/nonexistent/model.gguf", **kwargs)  # fails on the argument, not the path

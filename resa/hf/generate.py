@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+from .. import validate
 from ..cache import Span
 from ..config import ResaConfig
+from ..errors import UsageError
 from ..generate import decode
 from ..runner import Runner
 from .cache import ResaCache, ResaPass
@@ -42,9 +44,9 @@ def _prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> li
     for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
         valid = [i for i, m in enumerate(mask) if m]
         if not valid:
-            raise ValueError(f"row {b} of the batch has no unmasked prompt token")
+            raise UsageError(f"row {b} of the batch has no unmasked prompt token")
         if valid[-1] - valid[0] + 1 != len(valid):
-            raise ValueError(f"row {b}: padding must be on the left or the right of the prompt, not inside it")
+            raise UsageError(f"row {b}: padding must be on the left or the right of the prompt, not inside it")
         rows.append(ids[valid[0]:valid[-1] + 1])
     return rows
 
@@ -152,7 +154,8 @@ def generate(
         max_new = generation_config.max_new_tokens
     else:
         raise ValueError("set max_new_tokens (or max_length above the prompt length)")
-    prompts = _prompts(input_ids, model_kwargs.get("attention_mask"))
+    prompts = validate.check_prompt_ids(_prompts(input_ids, model_kwargs.get("attention_mask")),
+                                        model.config.vocab_size)
     lens = [len(p) for p in prompts]
     cache = ResaCache.for_model(model, B, resa.block_size, capacity=max(lens) + max_new, static=True,
                                 backend=backend)
