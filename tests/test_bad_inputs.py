@@ -28,9 +28,8 @@ from resa.config import ConfigError, ModelConfig, ResaConfig
 from resa.errors import LoaderError, ResaError, UnsupportedModelError, UsageError
 from resa.loader import load_checkpoint
 from resa.sampling import SamplingConfig
-from tests.test_gguf_loader import tiny_config as gguf_tiny_config
-from tests.test_gguf_loader import write_gguf
-from tests.test_loader import VOCAB, hf_config_dict, random_tensors, write_hf_folder
+from tests.checkpoints import VOCAB, hf_config_dict, random_tensors, write_gguf, write_hf_folder
+from tests.checkpoints import tiny_config as gguf_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

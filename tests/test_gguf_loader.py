@@ -11,21 +11,12 @@ import pytest
 import torch
 
 from resa import gguf_loader, loader
-from resa.config import ConfigError, ModelConfig, RopeConfig
+from resa.config import ConfigError, RopeConfig
 from resa.errors import LoaderError
 from resa.gguf_loader import GGUFFile, llama3_rope_factors, permute_qk, unpermute_qk
 from resa.loader import conversion_cache_path, load_checkpoint
-from tests.test_loader import CHAT_TEMPLATE, SPECIALS, VOCAB, random_tensors, tiny_vocab
+from tests.checkpoints import random_tensors, tiny_config, write_gguf
 
-_TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -35,76 +26,10 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("RESA_NO_CACHE", raising=False)
 
 
-def tiny_config(arch: str = "llama", **overrides) -> ModelConfig:
-    base = dict(arch=arch, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
-                rope=RopeConfig(theta=10000.0), attention_bias=arch == "qwen2", qk_norm=arch == "qwen3")
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
-def gguf_name(hf: str) -> str:
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    if hf == "lm_head.weight":
-        return "output.weight"
-    _, _, i, rest = hf.split(".", 3)
-    return f"blk.{i}.{_TO_GGUF[rest]}"
 
 
-def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], *,
-               quant: dict[str, gguf.GGMLQuantizationType] | None = None, fp16: bool = False,
-               metadata: dict | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
-               pre: str = "smollm") -> Path:
-    """Write `tensors` (HF names) as llama.cpp does: GGUF names, q/k permuted for the llama arch,
-    ggml dim order, tokenizer metadata from the tiny byte-level vocab."""
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope.theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    tokens, merges = tiny_vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_merges([f"{a} {b}" for a, b in merges])
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(CHAT_TEMPLATE)
-    for key, value in (metadata or {}).items():
-        if isinstance(value, str):
-            w.add_string(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        else:
-            w.add_uint32(key, value)
-    for name, t in tensors.items():
-        if cfg.arch == "llama" and ".q_proj." in name:
-            t = permute_qk(t, cfg.num_heads)
-        elif cfg.arch == "llama" and ".k_proj." in name:
-            t = permute_qk(t, cfg.num_kv_heads)
-        arr = t.float().numpy()
-        qtype = (quant or {}).get(name)
-        if qtype is not None:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gguf_name(name), arr.astype(np.float16) if fp16 and arr.ndim == 2 else arr)
-    for name, arr in (extra_tensors or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 # ---- round trips ------------------------------------------------------------------------------

@@ -17,38 +17,14 @@ from resa.model import Transformer  # noqa: E402
 from resa.ref.summaries import block_summaries_ref  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
-VOCAB, PAD = 97, 96  # prompts never contain PAD, so transformers infers no padding from it
+from tests.hf_models import PAD, VOCAB, _config, hf_model  # noqa: E402,F401
 PROMPT = 300  # 75 blocks of 4: with min_blocks 4 and ratio 0.1 a step reads 8 of them
 NEW = 40
 SPARSE = ResaConfig(block_size=4, min_blocks=4, active_ratio=0.1, rectify_every=8)
 
 
-def _config(arch: str):
-    common = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=4096, pad_token_id=PAD)
-    if arch == "llama":
-        return transformers.LlamaConfig(**common)
-    if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **common)
-    if arch == "qwen2":
-        return transformers.Qwen2Config(**common)
-    if arch == "qwen3":
-        return transformers.Qwen3Config(**common)
-    raise ValueError(arch)
 
 
-def hf_model(arch: str = "llama", seed: int = 0):
-    """Random weights, large enough that attention is peaked (so sparsity changes the output)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="sdpa")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def our_engine(model) -> Engine:

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import resa.hf as rhf  # noqa: E402
 from resa.config import ResaConfig  # noqa: E402
-from tests.test_hf_integration import hf_model  # noqa: E402
+from tests.hf_models import hf_model  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(94)]  # ids 0..93; 94 <unk>, 95 <eos>, 96 <pad> (tiny vocab of 97)
 PROMPT_WORDS = 260  # 65 blocks of 4: sparse with min_blocks 4

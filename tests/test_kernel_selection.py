@@ -10,61 +10,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from resa.kernels import SelectionWorkspace, select_blocks  # noqa: E402
-from resa.ref import block_budget, block_scores_ref, block_summaries_ref, select_blocks_ref  # noqa: E402
+from resa.ref import block_budget, select_blocks_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BS = 16
+from tests.kernel_cases import BS, DEVICE, assert_same_selection, make_inputs  # noqa: E402,F401
 SENTINEL = 12345
 
 
-def make_inputs(lengths, hkv, g, d, dtype, seed=0, nbmax=None):
-    """Random queries and bf16/fp16 summaries of random keys; summaries of blocks past a row's
-    length are NaN (the kernel must not read them)."""
-    gen = torch.Generator().manual_seed(seed)
-    B = len(lengths)
-    nmax = max(max(lengths), 1)
-    k = torch.randn(B, hkv, nmax, d, generator=gen)
-    lens = torch.tensor(lengths, dtype=torch.int64)
-    kmin, kmax = block_summaries_ref(k, lens, BS)
-    nb = kmin.shape[2] if nbmax is None else nbmax
-    pad = nb - kmin.shape[2]
-    kmin = torch.nn.functional.pad(kmin, (0, 0, 0, pad), value=float("nan"))
-    kmax = torch.nn.functional.pad(kmax, (0, 0, 0, pad), value=float("nan"))
-    dead = (torch.arange(nb)[None, :] >= ((lens + BS - 1) // BS)[:, None])[:, None, :, None]
-    kmin = torch.where(dead, float("nan"), kmin).to(dtype)
-    kmax = torch.where(dead, float("nan"), kmax).to(dtype)
-    q = torch.randn(B, hkv * g, d, generator=gen).to(dtype)
-    return q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), lens.to(DEVICE)
 
 
-def assert_same_selection(table, nsel, ref_table, ref_nsel, q, kmin, kmax, lens, local_blocks, group_pool="mean"):
-    """Same budgets; same block sets, except that blocks whose scores tie the threshold within
-    fp32 rounding (summation order differs) may be swapped."""
-    assert torch.equal(nsel.cpu(), ref_nsel.cpu())
-    table, ref_table = table.cpu(), ref_table.cpu()
-    B, HKV, S = ref_table.shape
-    assert table.shape == ref_table.shape
-    scores = block_scores_ref(q.cpu(), kmin.cpu(), kmax.cpu(), group_pool)
-    for b in range(B):
-        n = int(ref_nsel[b])
-        nb = -(-int(lens[b]) // BS)
-        for h in range(HKV):
-            got, want = table[b, h], ref_table[b, h]
-            assert (got[n:] == -1).all(), f"row {b} head {h}: unused slots must be -1"
-            if n == 0:
-                continue
-            assert torch.all(got[1:n] > got[: n - 1]), f"row {b} head {h}: not strictly ascending"
-            assert got[:n].min() >= 0 and got[:n].max() < nb
-            assert set(range(max(nb - local_blocks, 0), nb)) <= set(got[:n].tolist())
-            diff = set(got[:n].tolist()) ^ set(want[:n].tolist())
-            if diff:
-                s = scores[b, h]
-                chosen = [i for i in want[:n].tolist() if i < nb - local_blocks]
-                thresh = min(float(s[i]) for i in chosen)
-                for i in diff:
-                    assert abs(float(s[i]) - thresh) <= 1e-5 * (1 + abs(thresh)), (
-                        f"row {b} head {h}: block {i} (score {float(s[i])}) differs from the reference "
-                        f"beyond a tie at the threshold {thresh}")
 
 
 CASES = [

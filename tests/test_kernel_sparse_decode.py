@@ -13,40 +13,11 @@ from resa.kernels import sparse_decode  # noqa: E402
 from resa.ref import dense_attention_ref, select_blocks_ref, sparse_decode_ref  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BS = 16
+from tests.kernel_cases import BS, DEVICE, make_cache, sparse_decode_lowp  # noqa: E402,F401
 
 
-def make_cache(lengths, hkv, d, dtype, nmax=None, gen=None):
-    """Random K/V [B, HKV, Nmax, D] with every slot >= lengths[b] poisoned with NaN."""
-    nmax = nmax or max(lengths)
-    B = len(lengths)
-    k = torch.randn(B, hkv, nmax, d, generator=gen)
-    v = torch.randn(B, hkv, nmax, d, generator=gen)
-    pos = torch.arange(nmax)
-    dead = (pos[None, :] >= torch.tensor(lengths)[:, None])[:, None, :, None]
-    k = torch.where(dead, float("nan"), k).to(dtype)
-    v = torch.where(dead, float("nan"), v).to(dtype)
-    return k.to(DEVICE), v.to(DEVICE)
 
 
-def sparse_decode_lowp(q, k, v, lengths, table, block_size):
-    """The reference computation done by PyTorch in the inputs' own dtype (the tolerance baseline)."""
-    B, H, D = q.shape
-    HKV, nmax = k.shape[1], k.shape[2]
-    S = table.shape[-1]
-    t = table.long()
-    tok = (t.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, HKV, -1)
-    ok = (t >= 0)[..., None].expand(B, HKV, S, block_size).reshape(B, HKV, -1) & (tok < lengths[:, None, None])
-    idx = tok.clamp(max=nmax - 1)[..., None].expand(-1, -1, -1, D)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    kg = torch.where(ok[..., None], torch.gather(k, 2, idx), zero)
-    vg = torch.where(ok[..., None], torch.gather(v, 2, idx), zero)
-    qg = q.view(B, HKV, H // HKV, D)
-    s = torch.einsum("bkgd,bknd->bkgn", qg, kg) * (D ** -0.5)
-    s = torch.where(ok[:, :, None], s, float("-inf"))
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
-    return torch.einsum("bkgn,bknd->bkgd", p, vg).reshape(B, H, D)
 
 
 def run_case(lengths, hkv, g, d, dtype, *, ratio=0.25, min_blocks=4, table=None, splits=None, seed=0):

@@ -44,7 +44,7 @@ SHAPES = [
                                          ("two_pass", "interp"), ("torch", "interp")])
 def test_select_blocks_gpu(lengths, H, HKV, D, method, topn):
     from resa.kernels import select_blocks
-    from tests.test_kernel_selection import assert_same_selection
+    from tests.kernel_cases import assert_same_selection
 
     k, v, kmin, kmax, lens, g = _cache(lengths, HKV, D, torch.bfloat16, seed=1)
     q = torch.randn(len(lengths), H, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -55,7 +55,7 @@ def test_select_blocks_gpu(lengths, H, HKV, D, method, topn):
 
 
 def _lowp(q, k, v, lens, table):
-    from tests.test_kernel_sparse_decode import sparse_decode_lowp
+    from tests.kernel_cases import sparse_decode_lowp
 
     return sparse_decode_lowp(q, k, v, lens, table, BS)
 

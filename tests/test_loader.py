@@ -3,96 +3,31 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import tokenizers
 from safetensors.torch import save_file
-from tokenizers import AddedToken, decoders, pre_tokenizers
-from tokenizers.models import BPE
 
 from resa.config import ConfigError, ModelConfig
 from resa.errors import LoaderError
 from resa.loader import Checkpoint, load_checkpoint
 from resa.weights_table import check_tensors, expected_parameters
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("l", "l"), ("ll", "o")]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+from tests.checkpoints import VOCAB, hf_config_dict, make_checkpoint, random_tensors, write_hf_folder
 
 
-def tiny_vocab() -> tuple[list[str], list[tuple[str, str]]]:
-    """Special tokens, the 256 byte-level symbols, then a few merges: a real byte-level BPE."""
-    tokens = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in MERGES]
-    return tokens, list(MERGES)
 
 
-def tiny_hf_tokenizer() -> tokenizers.Tokenizer:
-    tokens, merges = tiny_vocab()
-    tok = tokenizers.Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    return tok
 
 
-VOCAB = len(tiny_vocab()[0])
 
 
-def hf_config_dict(arch: str, tied: bool = False, **overrides) -> dict:
-    """A tiny config.json for each family, shaped like the real ones (GQA 4/2)."""
-    cfg = {"model_type": arch, "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "tie_word_embeddings": tied, "bos_token_id": None, "eos_token_id": 2}
-    if arch == "mistral":
-        cfg["sliding_window"] = None
-    if arch == "qwen2":
-        cfg["use_sliding_window"] = False
-    if arch == "qwen3":
-        cfg.update(head_dim=16, attention_bias=False)
-    cfg.update(overrides)
-    return cfg
 
 
-def random_tensors(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g).to(dtype) for n, s in expected_parameters(cfg).items()}
 
 
-def write_hf_folder(folder: Path, cfg: dict, tensors: dict[str, torch.Tensor], shards: int = 1,
-                    tokenizer: bool = True, extra_files: dict | None = None) -> Path:
-    """config.json + model.safetensors (or N shards with an index) + tokenizer files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    names = list(tensors)
-    if shards == 1:
-        save_file(tensors, folder / "model.safetensors")
-    else:
-        weight_map = {}
-        for k in range(shards):
-            shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: tensors[n] for n in names[k::shards]}
-            save_file(part, folder / shard)
-            weight_map.update({n: shard for n in part})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    if tokenizer:
-        tiny_hf_tokenizer().save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE, "add_bos_token": False}))
-    for name, content in (extra_files or {}).items():
-        (folder / name).write_text(content)
-    return folder
 
 
-def make_checkpoint(tmp_path: Path, arch: str = "llama", tied: bool = False, shards: int = 1,
-                    **overrides) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
-    raw = hf_config_dict(arch, tied, **overrides)
-    cfg = ModelConfig.from_hf(raw)
-    tensors = random_tensors(cfg)
-    return write_hf_folder(tmp_path / "ckpt", raw, tensors, shards), cfg, tensors
+
 
 
 # ---- happy paths ------------------------------------------------------------------------------

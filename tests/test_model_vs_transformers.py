@@ -10,8 +10,7 @@ transformers = pytest.importorskip("transformers")
 from resa import model as model_mod  # noqa: E402  (a failure here must fail, not skip)
 
 from resa.loader import load_checkpoint  # noqa: E402
-from tests.test_gguf_loader import tiny_config, write_gguf  # noqa: E402
-from tests.test_loader import random_tensors  # noqa: E402
+from tests.checkpoints import random_tensors, tiny_config, write_gguf  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 101

