@@ -246,7 +246,7 @@ def rope_from_hf(cfg: Mapping[str, Any]) -> RopeConfig:
 
 @dataclass(frozen=True)
 class ResaConfig:
-    """ReSA decoding settings (defaults from the paper; see DESIGN.md 1.2-1.3).
+    """ReSA decoding settings (defaults from the paper; see docs/method.md sections 2-3).
 
     mode: "dense" (full attention every step), "sparse" (block-sparse decode, never rectified),
         "resa" (block-sparse decode + a dense rectification pass every `rectify_every` tokens).
