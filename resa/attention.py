@@ -72,17 +72,17 @@ def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tenso
     k_l, v_l = cache.k[layer], cache.v[layer]
     k_new, v_new = k_new.to(k_l.dtype), v_new.to(v_l.dtype)
     B, _, T, _ = k_new.shape
-    cols = torch.arange(T, device=k_new.device)
+    dev = k_new.device
     if span.full:
-        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=k_new.device)[:, None],
-                                                      span.start_t[:, None] + cols[None, :]))
+        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=dev)[:, None],
+                                                      span.start_t[:, None] + torch.arange(T, device=dev)[None, :]))
         # Advanced indices on dims 0 and 2 put the (B, T) index dims first: values are [B, T, HKV, D].
         k_l[rows, :, pos] = k_new.transpose(1, 2)
         v_l[rows, :, pos] = v_new.transpose(1, 2)
     else:
         if not span.on_host:
             raise ValueError("a ragged span (not every row writes every column) needs host mirrors")
-        r, t = (cols[None, :] < span.n_valid_t[:, None]).nonzero(as_tuple=True)
+        r, t = (torch.arange(T, device=dev)[None, :] < span.n_valid_t[:, None]).nonzero(as_tuple=True)
         pos = span.start_t[r] + t
         k_l[r, :, pos] = k_new[r, :, t]
         v_l[r, :, pos] = v_new[r, :, t]
@@ -138,8 +138,10 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: Resa
         if T <= CHUNK_KERNEL_MAX or not span.on_host:
             from .kernels import chunk_attention as kernel
 
-            # [B, T, H, D] storage seen as [B, H, T, D]: the output projection reads it without a copy.
-            out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+            # [B, T, H, D] storage seen as [B, H, T, D]: the output projection reads it without a
+            # copy. One buffer per pass: each layer's output is consumed before the next is written.
+            out = span.once("chunk_out", lambda: torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+                            .transpose(1, 2))
             return kernel(q, k, v, span.start_t, span.n_valid_t, out=out)
     if span.on_host:
         return dense_attention(q, k, v, span)
