@@ -156,7 +156,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Spa
     Returns [B, H, T, D] in q's dtype (zeros at ignored columns t >= n_valid[b]). Only slots
     < span.end[b] are read.
     """
-    T = q.shape[2]
     if len(set(span.start)) == 1 and span.full:
         # Rows aligned (prefill of equal prompts, rectification of a batch): one call.
         return _causal_sdpa(q, k[:, :, :span.end[0]], v[:, :, :span.end[0]])

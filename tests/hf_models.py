@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from tests.tiny import peaked_random_
+
 VOCAB, PAD = 97, 96  # prompts never contain PAD, so transformers infers no padding from it
 
 
@@ -26,11 +28,4 @@ def _config(arch: str):
 def hf_model(arch: str = "llama", seed: int = 0):
     """Random weights, large enough that attention is peaked (so sparsity changes the output)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="sdpa")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return peaked_random_(transformers.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="sdpa"))

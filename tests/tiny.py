@@ -17,10 +17,9 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """Random weights large enough that attention is peaked (sparsity matters for the output)."""
-    torch.manual_seed(seed)
-    model = Transformer(tiny_config(**overrides), backend="torch")
+def peaked_random_(model: torch.nn.Module) -> torch.nn.Module:
+    """Fill a model's parameters in place with random weights large enough that attention is
+    peaked (so sparsity changes the output); norms get 1. Works for ours and transformers'."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -28,6 +27,12 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
             else:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A tiny Transformer with peaked random weights (`peaked_random_`)."""
+    torch.manual_seed(seed)
+    return peaked_random_(Transformer(tiny_config(**overrides), backend="torch"))
 
 
 def tiny_engine(seed: int = 0, **overrides) -> Engine:
