@@ -1,4 +1,6 @@
-"""update_summaries / refresh_summaries (Triton) against block_summaries_ref; CPU via the interpreter."""
+"""update_summaries / refresh_summaries (Triton) on the paged cache against block_summaries_ref;
+CPU via the interpreter. The kernels get a paged copy (shuffled block table, NaN in every block no
+row references) of the contiguous data the reference gets; results are read back through the table."""
 
 import os
 
@@ -12,8 +14,12 @@ if not torch.cuda.is_available():
 from resa.kernels import refresh_summaries, update_summaries  # noqa: E402
 from resa.ref import block_summaries_ref  # noqa: E402
 
+from tests.paging import page_table, summaries_from_pool, summaries_to_pool, to_pool  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16
+# Page ids of blocks a row does not hold: far outside the pool, so dereferencing one fails.
+GARBAGE_PAGE = 1 << 30
 
 
 def poisoned_cache(lengths, hkv, d, nmax, dtype, seed):
@@ -36,6 +42,37 @@ def valid_blocks(lengths, nbmax):
     return (torch.arange(nbmax)[None, :] < nb[:, None])[:, None, :, None]
 
 
+def paged(lengths, nb, seed, dtype=torch.int32):
+    """(table, pages, num_physical): `table` maps logical blocks 0..nb-1 of every row (to build and
+    read back pools); `pages`, what the kernel gets, is the same table with every entry past
+    ceil(lengths[b] / BS) replaced by an id no pool has."""
+    table, total = page_table([nb * BS] * len(lengths), BS, seed=seed)
+    pages = table.clone().to(dtype)
+    for b, n in enumerate(lengths):
+        pages[b, -(-n // BS):] = GARBAGE_PAGE
+    return table.to(DEVICE), pages.to(DEVICE), total
+
+
+def unreferenced(table, lengths, total):
+    """[total] bool: physical blocks that no row's valid pages (j < ceil(lengths[b] / BS)) reference."""
+    free = torch.ones(total, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        free[table[b, :-(-n // BS)].long().cpu()] = False
+    return free
+
+
+def strided(x):
+    """The same values in a view whose strides are not the contiguous ones (last dim contiguous)."""
+    wide = torch.full(x.shape[:-1] + (2 * x.shape[-1],), float("nan"), dtype=x.dtype, device=x.device)
+    wide[..., : x.shape[-1]] = x
+    return wide[..., : x.shape[-1]]
+
+
+def bits(x):
+    """Bit pattern of a float tensor (NaN compares equal to itself)."""
+    return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()]).cpu()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("d", [64, 128], ids=["D64", "D128"])
 def test_update_summaries(d, dtype):
@@ -52,14 +89,22 @@ def test_update_summaries(d, dtype):
     for b, a in enumerate(appends):
         if a:
             k[b, :, lengths[b]] = k_new[b]
-    kmin_d, kmax_d = kmin.to(DEVICE), kmax.to(DEVICE)
-    update_summaries(k_new.to(DEVICE), kmin_d, kmax_d, pos.to(DEVICE), BS)
+    nb = kmin.shape[2]
+    table, pages, total = paged(new_len.tolist(), nb, seed=d)
+    kmin_p = summaries_to_pool(kmin.to(DEVICE), table, total)
+    kmax_p = summaries_to_pool(kmax.to(DEVICE), table, total)
+    before_min, before_max = bits(kmin_p), bits(kmax_p)
+    update_summaries(k_new.to(DEVICE), kmin_p, kmax_p, pages, pos.to(DEVICE), BS)
     want_min, want_max = block_summaries_ref(k, new_len, BS)
-    ok = valid_blocks(new_len.tolist(), kmin.shape[2])
-    assert torch.equal(torch.where(ok, kmin_d.cpu().float(), 0.0), torch.where(ok, want_min, 0.0))
-    assert torch.equal(torch.where(ok, kmax_d.cpu().float(), 0.0), torch.where(ok, want_max, 0.0))
-    # Blocks no token reached are untouched (still NaN).
-    assert torch.isnan(torch.where(ok, float("nan"), kmin_d.cpu().float())).all()
+    got_min, got_max = summaries_from_pool(kmin_p, table, nb).cpu(), summaries_from_pool(kmax_p, table, nb).cpu()
+    ok = valid_blocks(new_len.tolist(), nb)
+    assert torch.equal(torch.where(ok, got_min.float(), 0.0), torch.where(ok, want_min, 0.0))
+    assert torch.equal(torch.where(ok, got_max.float(), 0.0), torch.where(ok, want_max, 0.0))
+    # Blocks no token reached are untouched (still NaN), and so is every block no valid page names.
+    assert torch.isnan(torch.where(ok, float("nan"), got_min.float())).all()
+    free = unreferenced(table, new_len.tolist(), total)
+    assert torch.equal(bits(kmin_p)[free], before_min[free]) and torch.equal(bits(kmax_p)[free], before_max[free])
+    assert torch.isnan(kmin_p.cpu()[free].float()).all()
 
 
 @pytest.mark.parametrize(
@@ -73,37 +118,84 @@ def test_update_summaries(d, dtype):
 )
 def test_refresh_summaries(lengths, start, end):
     """Overwrite keys in [start, end), refresh: touched blocks equal the reference over keys < end;
-    every other block is bit-for-bit unchanged."""
+    every other block, and every physical block no valid page names, is bit-for-bit unchanged."""
     hkv, d, dtype = 2, 64, torch.bfloat16
     nmax = max(lengths) + 20
     k, kmin, kmax = poisoned_cache(lengths, hkv, d, nmax, dtype, seed=3)
     gen = torch.Generator().manual_seed(4)
     for b, (s, e) in enumerate(zip(start, end)):
         k[b, :, s:e] = torch.randn(hkv, e - s, d, generator=gen).to(dtype)
-    touched = torch.zeros(kmin.shape[:3], dtype=torch.bool)
+    nb = -(-max(lengths) // BS)
+    touched = torch.zeros(len(lengths), hkv, nb, dtype=torch.bool)
     for b, (s, e) in enumerate(zip(start, end)):
         if e > s:
             touched[b, :, s // BS: -(-e // BS)] = True
-    before_min, before_max = kmin.clone(), kmax.clone()
-    kmin_d, kmax_d = kmin.to(DEVICE), kmax.to(DEVICE)
-    refresh_summaries(k.to(DEVICE), kmin_d, kmax_d, torch.tensor(start, device=DEVICE),
-                      torch.tensor(end, dtype=torch.int32, device=DEVICE), BS)
+    table, pages, total = paged(lengths, nb, seed=5, dtype=torch.int64)
+    # Strided pools: a K layer and summaries whose non-last strides are not the contiguous ones.
+    k_p = strided(to_pool(k[:, :, :nb * BS].to(DEVICE), table, total, BS))
+    kmin_p = strided(summaries_to_pool(kmin[:, :, :nb].to(DEVICE), table, total))
+    kmax_p = strided(summaries_to_pool(kmax[:, :, :nb].to(DEVICE), table, total))
+    before_min, before_max = bits(kmin_p), bits(kmax_p)
+    refresh_summaries(k_p, kmin_p, kmax_p, pages, torch.tensor(start, device=DEVICE),
+                      torch.tensor(end, dtype=torch.int32, device=DEVICE))
     want_min, want_max = block_summaries_ref(k, torch.tensor(end), BS)
-    got_min, got_max = kmin_d.cpu(), kmax_d.cpu()
+    got_min, got_max = summaries_from_pool(kmin_p, table, nb).cpu(), summaries_from_pool(kmax_p, table, nb).cpu()
     t = touched[..., None].expand_as(got_min)
-    assert torch.equal(got_min[t].float(), want_min[t])
-    assert torch.equal(got_max[t].float(), want_max[t])
-    same = lambda a, b: torch.equal(torch.nan_to_num(a[~t].float(), 7.0), torch.nan_to_num(b[~t].float(), 7.0))  # noqa: E731
-    assert same(got_min, before_min) and same(got_max, before_max)
+    assert torch.equal(got_min[t].float(), want_min[:, :, :nb][t])
+    assert torch.equal(got_max[t].float(), want_max[:, :, :nb][t])
+    old_min = summaries_from_pool(summaries_to_pool(kmin[:, :, :nb], table.cpu(), total), table.cpu(), nb)
+    old_max = summaries_from_pool(summaries_to_pool(kmax[:, :, :nb], table.cpu(), total), table.cpu(), nb)
+    assert torch.equal(bits(got_min)[~t], bits(old_min)[~t]) and torch.equal(bits(got_max)[~t], bits(old_max)[~t])
+    free = unreferenced(table, lengths, total)
+    assert torch.equal(bits(kmin_p)[free], before_min[free]) and torch.equal(bits(kmax_p)[free], before_max[free])
+    assert torch.isnan(kmin_p.cpu()[free].float()).all()
+
+
+def test_summaries_follow_the_table():
+    """The same rows under two different shuffles give the same summaries, read back per row."""
+    lengths, hkv, d = [70, 33, 100], 2, 64
+    k, kmin, kmax = poisoned_cache(lengths, hkv, d, 112, torch.bfloat16, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    for b, n in enumerate(lengths):
+        k[b, :, n - 20:n] = torch.randn(hkv, 20, d, generator=gen).to(torch.bfloat16)
+    nb = -(-max(lengths) // BS)
+    start = torch.tensor([n - 20 for n in lengths], device=DEVICE)
+    end = torch.tensor(lengths, device=DEVICE)
+    got = []
+    for seed in (11, 12):
+        table, pages, total = paged(lengths, nb, seed=seed)
+        k_p = to_pool(k[:, :, :nb * BS].to(DEVICE), table, total, BS)
+        kmin_p = summaries_to_pool(kmin[:, :, :nb].to(DEVICE), table, total)
+        kmax_p = summaries_to_pool(kmax[:, :, :nb].to(DEVICE), table, total)
+        refresh_summaries(k_p, kmin_p, kmax_p, pages, start, end)
+        got.append((summaries_from_pool(kmin_p, table, nb).cpu(), summaries_from_pool(kmax_p, table, nb).cpu()))
+    want_min, want_max = block_summaries_ref(k, end.cpu(), BS)
+    ok = valid_blocks(lengths, nb).expand(-1, hkv, -1, d)
+    for got_min, got_max in got:
+        assert torch.equal(got_min[ok].float(), want_min[ok]) and torch.equal(got_max[ok].float(), want_max[ok])
+    assert torch.equal(bits(got[0][0]), bits(got[1][0])) and torch.equal(bits(got[0][1]), bits(got[1][1]))
 
 
 def test_summaries_reject_bad_inputs():
-    k = torch.zeros(1, 2, 32, 64, device=DEVICE)
-    kmin = torch.zeros(1, 2, 2, 64, device=DEVICE)
+    k = torch.zeros(4, 2, BS, 64, device=DEVICE)
+    kmin = torch.zeros(4, 2, 64, device=DEVICE)
+    pages = torch.tensor([[2, 0]], dtype=torch.int32, device=DEVICE)
     pos = torch.tensor([3], device=DEVICE)
     with pytest.raises(ValueError, match="kmax"):
-        update_summaries(k[:, :, 0], kmin, kmin[:, :1], pos, BS)
+        update_summaries(k[:1, :, 0], kmin, kmin[:1], pages, pos, BS)
     with pytest.raises(TypeError, match="positions"):
-        update_summaries(k[:, :, 0], kmin, kmin.clone(), pos.float(), BS)
+        update_summaries(k[:1, :, 0], kmin, kmin.clone(), pages, pos.float(), BS)
+    with pytest.raises(ValueError, match="pages"):
+        update_summaries(k[:1, :, 0], kmin, kmin.clone(), pages[0], pos, BS)
+    with pytest.raises(TypeError, match="pages"):
+        update_summaries(k[:1, :, 0], kmin, kmin.clone(), pages.float(), pos, BS)
+    with pytest.raises(ValueError, match="kmin"):
+        update_summaries(k[:1, :, 0], kmin[:, None], kmin[:, None].clone(), pages, pos, BS)
     with pytest.raises(ValueError, match="start"):
-        refresh_summaries(k, kmin, kmin.clone(), torch.tensor([0, 1], device=DEVICE), pos, BS)
+        refresh_summaries(k, kmin, kmin.clone(), pages, torch.tensor([0, 1], device=DEVICE), pos)
+    with pytest.raises(ValueError, match="pages"):
+        refresh_summaries(k, kmin, kmin.clone(), pages[0], pos, pos)
+    with pytest.raises(ValueError, match="pool layer"):
+        refresh_summaries(k[:, :, 0], kmin, kmin.clone(), pages, pos, pos)
+    with pytest.raises(ValueError, match="kmin"):
+        refresh_summaries(k, kmin[:3], kmin[:3].clone(), pages, pos, pos)

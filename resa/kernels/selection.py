@@ -1,8 +1,13 @@
 """Block selection (the GBSA plan, docs/method.md 2.2-2.6) as Triton kernels, without host sync.
 
+The summaries live per physical block of the paged cache, kmin, kmax [num_blocks, HKV, D]; row b's
+logical block j is physical block pages[b, j]. Scores, keys and the output table are indexed by
+logical block: the scoring pass reads the summary of logical block j from kmin[pages[b, j]],
+loading the page ids of a tile (only those of valid blocks, j < ceil(len / BS)) as one vector.
+
 Layout of the work:
 - `select_blocks_kernel`, grid (B * HKV, chunks): pools the G queries of a group (their mean, or
-  with POOL_MAX the largest of the heads' own bounds), scores a chunk of
+  with POOL_MAX the largest of the heads' own bounds), scores a chunk of a row's logical
   blocks from the min/max summaries and writes each score as an order-preserving int32 key to a
   scratch row. With FUSED, every program then bumps a per-row counter; the program that finishes
   a row last runs the exact top-n of that row (one launch in all). The counter is reset by that
@@ -24,7 +29,16 @@ import triton.language as tl
 
 from ..config import GROUP_POOLS
 from ..ref.selection import block_budget, ratio_ppm
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_shape, interpreting
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_device,
+    check_dtype,
+    check_last_contiguous,
+    check_pages,
+    check_shape,
+    interpreting,
+)
 
 # Rows of more blocks than this do not fit the register-resident top-n; they fall back to torch.topk
 # over the kernel's keys (512K tokens at block 16 still fit).
@@ -186,9 +200,10 @@ def _topn_row(keys_row, table_row, stride_ts, nsel_ptr, write_nsel, nb, num_slot
 
 @triton.jit
 def select_blocks_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, lens_ptr, keys_ptr, count_ptr, table_ptr, nsel_ptr,
+    q_ptr, kmin_ptr, kmax_ptr, pages_ptr, lens_ptr, keys_ptr, count_ptr, table_ptr, nsel_ptr,
     stride_qb, stride_qh,
-    stride_sb, stride_sh, stride_sn,
+    stride_sp, stride_sh,
+    stride_pb, stride_pj,
     stride_tb, stride_th, stride_ts,
     num_kv_heads, nbmax, num_slots, ppm, min_blocks, local_blocks, chunks,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -196,13 +211,15 @@ def select_blocks_kernel(
     BLOCK_S: tl.constexpr, FUSED: tl.constexpr, RADIX: tl.constexpr, WAYS: tl.constexpr,
     POOL_MAX: tl.constexpr,
 ):
-    """Score blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
+    """Score logical blocks [chunk * TILES * BLOCK_B, ...) of row (b, hk); with FUSED also select.
     POOL_MAX: a block's score is the largest of the G heads' own bounds, else the bound of the
     group's mean query.
 
-    q: [B, H, D]; kmin, kmax: [B, HKV, NBmax, D] (same strides); keys: [B * HKV, NBmax] int32
-    scratch; count: [B * HKV] int32, zero on entry and on exit; table: [B, HKV, S]; nsel: [B].
-    Only summaries of valid blocks (< ceil(len / BS)) are read.
+    q: [B, H, D]; kmin, kmax: [NBLK, HKV, D] per physical block (same strides); pages:
+    [B, NBmax] block table (logical block j of row b at physical block pages[b, j]); keys:
+    [B * HKV, NBmax] int32 scratch, by logical block; count: [B * HKV] int32, zero on entry and on
+    exit; table: [B, HKV, S] logical block ids; nsel: [B]. Only the page ids and summaries of valid
+    blocks (j < ceil(len / BS)) are read.
     """
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -215,12 +232,15 @@ def select_blocks_kernel(
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hk * G + offs_g).to(tl.int64)[:, None] * stride_qh
     q = tl.load(q_rows + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0).to(tl.float32)
     qg = (tl.sum(q, 0) / G)[None, :]
-    s_row = b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
+    s_head = hk.to(tl.int64) * stride_sh
+    pages_row = pages_ptr + b.to(tl.int64) * stride_pb
     keys_row = keys_ptr + row.to(tl.int64) * nbmax
     for t in range(TILES):
         blk = (chunk * TILES + t) * BLOCK_B + tl.arange(0, BLOCK_B)
         ok = blk < nb
-        offs = s_row + blk.to(tl.int64)[:, None] * stride_sn + offs_d[None, :]
+        # The tile's physical block ids in one vector load; invalid blocks' entries are never read.
+        page = tl.load(pages_row + blk.to(tl.int64) * stride_pj, mask=ok, other=0).to(tl.int64)
+        offs = page[:, None] * stride_sp + s_head + offs_d[None, :]
         kmn = tl.load(kmin_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
         kmx = tl.load(kmax_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
         if POOL_MAX:
@@ -298,7 +318,8 @@ SCORE_CONFIGS = (ScoreConfig(64, 1, 4), ScoreConfig(64, 4, 4), ScoreConfig(128, 
 class SelectionWorkspace:
     """Scratch of `select_blocks`, preallocated once per cache shape (so calls can be graph-captured).
 
-    keys: [B * HKV, NBmax] int32 block keys; counters: [B * HKV] int32, zero between calls.
+    keys: [B * HKV, NBmax] int32 keys of each row's logical blocks (NBmax: the block table's width,
+    pages.shape[1]); counters: [B * HKV] int32, zero between calls.
     """
 
     keys: torch.Tensor
@@ -336,6 +357,7 @@ def select_blocks(
     q: torch.Tensor,
     kmin: torch.Tensor,
     kmax: torch.Tensor,
+    pages: torch.Tensor,
     lengths: torch.Tensor,
     *,
     block_size: int,
@@ -353,13 +375,17 @@ def select_blocks(
     """Choose, per (row, KV head), the blocks a decode query attends to; same contract as
     `resa.ref.select_blocks_ref` (group_pool included), without a host sync.
 
-    q: [B, H, D] post-RoPE queries (fp16/bf16/fp32); kmin, kmax: [B, HKV, NBmax, D] summaries (any
-    strides, last dimension contiguous); lengths: [B] int32/int64 on q's device, the current token
-    included. Row b keeps n_b = block_budget(ceil(lengths[b] / BS), active_ratio, min_blocks) blocks:
+    q: [B, H, D] post-RoPE queries (fp16/bf16/fp32); kmin, kmax: [NBLK, HKV, D] summaries per
+    physical block of the paged cache (same dtype and strides, last dimension contiguous); pages:
+    [B, NBmax] int32/int64 block table on q's device, logical block j of row b (tokens j*BS ..
+    j*BS+BS-1) summarised at kmin[pages[b, j]]; only entries j < ceil(lengths[b] / BS) are read,
+    so ceil(lengths[b] / BS) <= NBmax; lengths: [B] int32/int64, the current token included.
+    Row b keeps n_b = block_budget(ceil(lengths[b] / BS), active_ratio, min_blocks) blocks:
     its last `local_blocks` always, the rest by top score (ties: lowest block index).
     num_slots: S, the table width, required (no host sync to derive it): at least the largest n_b,
-    e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 ascending then -1,
-    num_selected [B] int32), written into `out` when given.
+    e.g. `block_budget(NBmax, ...)`. Returns (block_table [B, HKV, S] int32 logical block ids,
+    ascending then -1, num_selected [B] int32), written into `out` when given. workspace: a
+    `SelectionWorkspace` of at least [B * HKV, NBmax] keys (allocated when None).
     method: "two_pass" (score, then top-n: fastest on H100 at every measured shape), "fused" (one
     launch, but the scoring pass then runs with the top-n's 16 warps) or "torch" (score, then
     torch.topk); docs/kernels.md has the numbers;
@@ -378,13 +404,15 @@ def select_blocks(
         raise ValueError(f"{name}: topn must be one of {', '.join(TOPN)}, got {topn!r}")
     if group_pool not in GROUP_POOLS:
         raise ValueError(f"{name}: group_pool must be one of {', '.join(GROUP_POOLS)}, got {group_pool!r}")
-    device = check_device(name, q, kmin, kmax, lengths)
-    if q.dim() != 3 or kmin.dim() != 4:
-        raise ValueError(f"{name}: q must be [B, H, D] and kmin [B, HKV, NBmax, D], got {list(q.shape)}, {list(kmin.shape)}")
+    device = check_device(name, q, kmin, kmax, pages, lengths)
+    if q.dim() != 3 or kmin.dim() != 3:
+        raise ValueError(f"{name}: q must be [B, H, D] and kmin [num_blocks, HKV, D], "
+                         f"got {list(q.shape)}, {list(kmin.shape)}")
     B, H, D = q.shape
-    HKV, nbmax = kmin.shape[1], kmin.shape[2]
-    check_shape(name, "kmin", kmin, (B, HKV, nbmax, D))
-    check_shape(name, "kmax", kmax, (B, HKV, nbmax, D))
+    HKV = kmin.shape[1]
+    check_shape(name, "kmin", kmin, (kmin.shape[0], HKV, D))
+    check_shape(name, "kmax", kmax, tuple(kmin.shape))
+    nbmax = check_pages(name, pages, B)
     check_shape(name, "lengths", lengths, (B,))
     for what, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
         check_dtype(name, what, t, FLOAT_DTYPES)
@@ -392,6 +420,8 @@ def select_blocks(
     check_dtype(name, "lengths", lengths, INDEX_DTYPES)
     if kmin.stride() != kmax.stride():
         raise ValueError(f"{name}: kmin and kmax must have the same strides")
+    if kmax.dtype != kmin.dtype:
+        raise TypeError(f"{name}: kmin and kmax must have the same dtype")
     if H % HKV:
         raise ValueError(f"{name}: {H} query heads are not a multiple of {HKV} KV heads")
     if D not in (64, 128, 256):
@@ -432,9 +462,10 @@ def select_blocks(
     block_s = min(1024, triton.next_power_of_2(max(num_slots, 1)))
     wkeys = workspace.keys
     select_blocks_kernel[(B * HKV, chunks)](
-        q, kmin, kmax, lengths, wkeys, workspace.counters, table, nsel,
+        q, kmin, kmax, pages, lengths, wkeys, workspace.counters, table, nsel,
         q.stride(0), q.stride(1),
-        kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        kmin.stride(0), kmin.stride(1),
+        pages.stride(0), pages.stride(1),
         table.stride(0), table.stride(1), table.stride(2),
         HKV, wkeys.shape[1], num_slots, ppm, min_blocks, local_blocks, chunks,
         G=G, G_P=triton.next_power_of_2(G), D=D, BS=block_size,
