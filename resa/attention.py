@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from .cache import KVCache, Span
 from .config import ResaConfig
-from .ref.attention import dense_attention_ref, sparse_decode_ref
+from .ref.attention import dense_attention_ref
+from .ref.paging import (gather_blocks, gather_summaries, refresh_summaries_paged_ref, sparse_decode_paged_ref,
+                         update_summaries_paged_ref, write_tokens)
 from .ref.selection import block_budget, select_blocks_ref
-from .ref.summaries import refresh_summaries_ref, update_summaries_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -63,38 +64,38 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # ---- writes ----
 
 def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, span: Span, backend: str) -> None:
-    """Store the span's keys/values of one layer and update that layer's block summaries.
+    """Store the span's keys/values of one layer in the rows' blocks and update those blocks'
+    summaries.
 
-    k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written). One
-    appended token per row folds into its block summary incrementally; longer writes recompute
-    exactly the blocks they touch. A span that is not full needs its host mirrors.
+    k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written). The rows
+    must hold the blocks the span writes (the runner allocates them). One appended token per row
+    folds into its block summary incrementally; longer writes recompute exactly the blocks they
+    touch. A span that is not full needs its host mirrors.
     """
-    k_l, v_l = cache.k[layer], cache.v[layer]
-    k_new, v_new = k_new.to(k_l.dtype), v_new.to(v_l.dtype)
+    k_l, v_l, pages = cache.k[layer], cache.v[layer], cache.pages
     B, _, T, _ = k_new.shape
     dev = k_new.device
     if span.full:
-        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=dev)[:, None],
+        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=dev)[:, None].expand(B, T),
                                                       span.start_t[:, None] + torch.arange(T, device=dev)[None, :]))
-        # Advanced indices on dims 0 and 2 put the (B, T) index dims first: values are [B, T, HKV, D].
-        k_l[rows, :, pos] = k_new.transpose(1, 2)
-        v_l[rows, :, pos] = v_new.transpose(1, 2)
+        write_tokens(k_l, pages, rows, pos, k_new.transpose(1, 2))
+        write_tokens(v_l, pages, rows, pos, v_new.transpose(1, 2))
     else:
         if not span.on_host:
             raise ValueError("a ragged span (not every row writes every column) needs host mirrors")
         r, t = (torch.arange(T, device=dev)[None, :] < span.n_valid_t[:, None]).nonzero(as_tuple=True)
         pos = span.start_t[r] + t
-        k_l[r, :, pos] = k_new[r, :, t]
-        v_l[r, :, pos] = v_new[r, :, t]
+        write_tokens(k_l, pages, r, pos, k_new[r, :, t])
+        write_tokens(v_l, pages, r, pos, v_new[r, :, t])
     if T == 1:
         kmin, kmax, bs = cache.kmin[layer], cache.kmax[layer], cache.block_size
         positions = span.start_t if span.full else torch.where(span.n_valid_t > 0, span.start_t, -1)
         if backend == "triton":
             from .kernels import update_summaries
 
-            update_summaries(k_new[:, :, 0].contiguous(), kmin, kmax, positions, bs)
+            update_summaries(k_new[:, :, 0].contiguous(), kmin, kmax, pages, positions, bs)
         else:
-            update_summaries_ref(k_new[:, :, 0], kmin, kmax, positions, bs)
+            update_summaries_paged_ref(k_new[:, :, 0], kmin, kmax, pages, positions, bs)
     else:
         refresh_layer_summaries(cache, layer, span.start_t, span.end_t, backend)
 
@@ -106,9 +107,9 @@ def refresh_layer_summaries(cache: KVCache, layer: int, start: torch.Tensor, end
     if backend == "triton":
         from .kernels import refresh_summaries
 
-        refresh_summaries(k, kmin, kmax, start, end, cache.block_size)
+        refresh_summaries(k, kmin, kmax, cache.pages, start, end)
     else:
-        refresh_summaries_ref(k, kmin, kmax, start, end, cache.block_size)
+        refresh_summaries_paged_ref(k, kmin, kmax, cache.pages, start, end)
 
 
 # ---- attention ----
@@ -116,25 +117,25 @@ def refresh_layer_summaries(cache: KVCache, layer: int, start: torch.Tensor, end
 def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: ResaConfig | None,
            backend: str) -> torch.Tensor:
     """Attention of the span's queries q [B, H, T, D] (post-RoPE; the span's K/V already written)
-    over each row's cache in `layer`. sparse: None for dense causal attention, else the ReSA
+    over each row's blocks in `layer`. sparse: None for dense causal attention, else the ReSA
     settings of a block-sparse decode step (T = 1). Returns [B, H, T, D] in q's dtype (any
     strides); ignored columns t >= n_valid[b] hold finite values of no meaning."""
-    k, v = cache.k[layer], cache.v[layer]
+    k, v, pages = cache.k[layer], cache.v[layer], cache.pages
     B, H, T, D = q.shape
     if sparse is not None:
         if T != 1:
             raise ValueError(f"sparse attention decodes one token per row, got a chunk of {T}")
         lengths = span.end_t
-        plan = plan_sparse(q[:, :, 0], cache.kmin[layer], cache.kmax[layer], lengths, sparse, backend,
-                           cache.plan_buffers(num_slots(cache.num_blocks, sparse), backend == "triton"))
-        return sparse_decode_attention(q[:, :, 0], k, v, lengths, plan, cache.block_size, backend)[:, :, None]
+        plan = plan_sparse(q[:, :, 0], cache.kmin[layer], cache.kmax[layer], pages, lengths, sparse, backend,
+                           cache.plan_buffers(num_slots(cache.max_blocks, sparse), backend == "triton"))
+        return sparse_decode_attention(q[:, :, 0], k, v, pages, lengths, plan, backend)[:, :, None]
     if backend == "triton":
         if T == 1:
             # Dense decode through the split-K decode kernel with every written block selected.
             lengths = span.end_t
-            plan = span.once("full_plan", lambda: full_plan(lengths, cache.num_kv_heads, cache.num_blocks,
+            plan = span.once("full_plan", lambda: full_plan(lengths, cache.num_kv_heads, cache.max_blocks,
                                                             cache.block_size))
-            return sparse_decode_attention(q[:, :, 0], k, v, lengths, plan, cache.block_size, backend)[:, :, None]
+            return sparse_decode_attention(q[:, :, 0], k, v, pages, lengths, plan, backend)[:, :, None]
         if T <= CHUNK_KERNEL_MAX or not span.on_host:
             from .kernels import chunk_attention as kernel
 
@@ -142,29 +143,36 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: Resa
             # copy. One buffer per pass: each layer's output is consumed before the next is written.
             out = span.once("chunk_out", lambda: torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
                             .transpose(1, 2))
-            return kernel(q, k, v, span.start_t, span.n_valid_t, out=out)
+            return kernel(q, k, v, pages, span.start_t, span.n_valid_t, out=out)
     if span.on_host:
-        return dense_attention(q, k, v, span)
-    return dense_attention_ref(q, k, v, span.start_t, span.n_valid_t).to(q.dtype)
+        return dense_attention(q, k, v, pages, span)
+    return dense_attention_ref(q, gather_blocks(k, pages, cache.max_blocks), gather_blocks(v, pages, cache.max_blocks),
+                               span.start_t, span.n_valid_t).to(q.dtype)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: Span) -> torch.Tensor:
-    """Causal attention of an eager span's queries over each row's cache, by SDPA.
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, span: Span) -> torch.Tensor:
+    """Causal attention of an eager span's queries over each row's blocks, by SDPA.
 
-    q: [B, H, T, D] (query t of row b at position span.start[b] + t); k, v: [B, HKV, Nmax, D] with
-    the span already written. Query t of row b sees keys j <= start[b] + t, j < span.end[b].
-    Returns [B, H, T, D] in q's dtype (zeros at ignored columns t >= n_valid[b]). Only slots
-    < span.end[b] are read.
+    q: [B, H, T, D] (query t of row b at position span.start[b] + t); k, v: pool layers
+    [NBLK, HKV, BS, D] with the span already written; pages: [B, max_blocks]. Query t of row b
+    sees keys j <= start[b] + t, j < span.end[b]. Returns [B, H, T, D] in q's dtype (zeros at
+    ignored columns t >= n_valid[b]). Only the rows' blocks below span.end[b] are read.
     """
+    bs = k.shape[2]
     if len(set(span.start)) == 1 and span.full:
         # Rows aligned (prefill of equal prompts, rectification of a batch): one call.
-        return _causal_sdpa(q, k[:, :, :span.end[0]], v[:, :, :span.end[0]])
+        end = span.end[0]
+        nb = -(-end // bs)
+        return _causal_sdpa(q, gather_blocks(k, pages, nb)[:, :, :end], gather_blocks(v, pages, nb)[:, :, :end])
     # Ragged rows: one call per row over exactly its valid queries and keys, so slots past a row's
     # end are never read (no masked copy of the cache). Ignored query columns get zeros.
     out = torch.zeros_like(q)
     for b, (n, end) in enumerate(zip(span.n_valid, span.end)):
         if n:
-            out[b:b + 1, :, :n] = _causal_sdpa(q[b:b + 1, :, :n], k[b:b + 1, :, :end], v[b:b + 1, :, :end])
+            nb = -(-end // bs)
+            kb = gather_blocks(k, pages[b:b + 1], nb)[:, :, :end]
+            vb = gather_blocks(v, pages[b:b + 1], nb)[:, :, :end]
+            out[b:b + 1, :, :n] = _causal_sdpa(q[b:b + 1, :, :n], kb, vb)
     return out
 
 
@@ -193,21 +201,22 @@ class SparsePlan:
     num_selected: torch.Tensor
 
 
-def num_slots(capacity_blocks: int, resa: ResaConfig) -> int:
-    """Fixed block-table width: the budget of a row filling the whole cache (budgets only grow
-    with length)."""
-    return block_budget(capacity_blocks, resa.active_ratio, resa.min_blocks)
+def num_slots(max_blocks: int, resa: ResaConfig) -> int:
+    """Fixed block-table width: the budget of a row filling all its `max_blocks` blocks (budgets
+    only grow with length)."""
+    return block_budget(max_blocks, resa.active_ratio, resa.min_blocks)
 
 
-def plan_sparse(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths: torch.Tensor,
+def plan_sparse(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
                 resa: ResaConfig, backend: str = "torch", buffers=None) -> SparsePlan:
     """Select blocks for one decode step of one layer (docs/method.md 2.2-2.6).
 
-    q: [B, H, D] post-RoPE queries; kmin, kmax: [B, HKV, NBmax, D]; lengths: [B] (current token
-    included). The table has num_slots(NBmax) columns. buffers: a `resa.cache.PlanBuffers` the plan
-    is written into (preallocated, so a CUDA graph captures fixed addresses); None allocates.
+    q: [B, H, D] post-RoPE queries; kmin, kmax: the layer's summary pool [NBLK, HKV, D]; pages:
+    [B, max_blocks]; lengths: [B] (current token included). The table holds logical block ids and
+    has num_slots(max_blocks) columns. buffers: a `resa.cache.PlanBuffers` the plan is written
+    into (preallocated, so a CUDA graph captures fixed addresses); None allocates.
     """
-    slots = num_slots(kmin.shape[2], resa)
+    slots = num_slots(pages.shape[1], resa)
     kwargs = dict(block_size=resa.block_size, active_ratio=resa.active_ratio, min_blocks=resa.min_blocks,
                   local_blocks=resa.local_blocks, num_slots=slots, group_pool=resa.group_pool)
     if backend == "triton":
@@ -215,33 +224,34 @@ def plan_sparse(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lengths
 
         if buffers is not None:
             kwargs.update(workspace=buffers.workspace, out=(buffers.block_table, buffers.num_selected))
-        table, n = select_blocks(q, kmin, kmax, lengths, **kwargs)
+        table, n = select_blocks(q, kmin, kmax, pages, lengths, **kwargs)
     else:
-        table, n = select_blocks_ref(q, kmin, kmax, lengths, **kwargs)
+        table, n = select_blocks_ref(q, gather_summaries(kmin, pages, pages.shape[1]),
+                                     gather_summaries(kmax, pages, pages.shape[1]), lengths, **kwargs)
         if buffers is not None:
             table, n = buffers.block_table.copy_(table), buffers.num_selected.copy_(n)
     return SparsePlan(table, n)
 
 
-def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                            plan: SparsePlan, block_size: int, backend: str = "torch") -> torch.Tensor:
-    """Attention of one query per row over the planned blocks.
+def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                            lengths: torch.Tensor, plan: SparsePlan, backend: str = "torch") -> torch.Tensor:
+    """Attention of one query per row over the planned (logical) blocks.
 
-    q: [B, H, D]; k, v: [B, HKV, Nmax, D]; lengths: [B] (current token included).
-    Returns [B, H, D] in q's dtype.
+    q: [B, H, D]; k, v: pool layers [NBLK, HKV, BS, D]; pages: [B, max_blocks]; lengths: [B]
+    (current token included). Returns [B, H, D] in q's dtype.
     """
     if backend == "triton":
         from .kernels import sparse_decode
 
-        return sparse_decode(q, k, v, lengths, plan.block_table, block_size, num_selected=plan.num_selected)
-    return sparse_decode_ref(q, k, v, lengths, plan.block_table, block_size).to(q.dtype)
+        return sparse_decode(q, k, v, pages, lengths, plan.block_table, num_selected=plan.num_selected)
+    return sparse_decode_paged_ref(q, k, v, pages, lengths, plan.block_table).to(q.dtype)
 
 
-def full_plan(lengths: torch.Tensor, num_kv_heads: int, capacity_blocks: int, block_size: int) -> SparsePlan:
+def full_plan(lengths: torch.Tensor, num_kv_heads: int, max_blocks: int, block_size: int) -> SparsePlan:
     """A plan that selects every written block of every row (dense decode through the sparse
-    kernel, without a host sync): slots >= ceil(lengths[b] / BS) hold -1. Table [B, HKV, NBmax]."""
+    kernel, without a host sync): slots >= ceil(lengths[b] / BS) hold -1. Table [B, HKV, max_blocks]."""
     nb = (lengths + block_size - 1) // block_size
-    ids = torch.arange(capacity_blocks, device=lengths.device, dtype=torch.int32)
+    ids = torch.arange(max_blocks, device=lengths.device, dtype=torch.int32)
     table = torch.where(ids[None, :] < nb[:, None], ids[None, :], -1)
     table = table[:, None, :].expand(-1, num_kv_heads, -1)
     return SparsePlan(table, nb.to(torch.int32))

@@ -1,16 +1,20 @@
-"""KV cache storage (K/V, per-block key min/max summaries, device-side row lengths) and the
-descriptor of where one forward pass writes (`Span`).
+"""KV storage: the paged pool of K/V blocks and their key min/max summaries (`KVPool`), a batch's
+view of it through block tables with device-side row lengths (`KVCache`), and the descriptor of
+where one forward pass writes (`Span`).
 
 The cache only stores; how K/V and summaries are written (torch reference or Triton kernels) is
-chosen in `resa.attention`, and the host copy of the row lengths belongs to `resa.runner.Runner`.
+chosen in `resa.attention`, and which blocks each row holds (with the host copy of the row
+lengths) belongs to `resa.runner.Runner`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+from .pool import KVPool
 
 
 @dataclass(frozen=True)
@@ -94,62 +98,174 @@ class PlanBuffers:
 
 
 class KVCache:
-    """Preallocated K/V for every layer plus block summaries.
+    """The cache of a batch of rows: a view of a `KVPool` through per-row block tables.
 
-    k, v: [L, B, HKV, Nmax, D]; kmin, kmax: [L, B, HKV, NBmax, D] with NBmax = ceil(Nmax / BS),
-    the element-wise min/max of the post-RoPE keys of each block of BS tokens (the last block of a
-    row may be partial: its summary covers only the written tokens). lengths: [B] int64 tokens per
-    row, on the device. Buffers are allocated uninitialised: no slot at or past a row's length is
-    ever read (the test suite fills fresh buffers with NaN to prove it).
+    pages: [B, max_blocks] int32 on the device: logical block j of row b (tokens j*BS .. j*BS+BS-1)
+    is physical block pages[b, j]; entries past a row's held blocks are 0 and never read. `blocks`
+    is the host copy of the table (the blocks each row holds). lengths: [B] int64 tokens per row
+    on the device (the host copy belongs to `resa.runner.Runner`). capacity: the most tokens a
+    row may hold.
+
+    Blocks come from the pool as rows grow (`reserve`) and go back when rows shrink or are
+    released. Rows may share blocks (a cached prompt prefix, a fork): before a pass writes a
+    shared block, the row gets a private copy (copy-on-write), so a shared block is never written.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        num_kv_heads: int,
-        capacity: int,
-        head_dim: int,
-        block_size: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, pool: KVPool, batch: int, capacity: int) -> None:
         if capacity < 1 or batch < 1:
             raise ValueError(f"cache needs capacity >= 1 and batch >= 1, got {capacity}, {batch}")
-        self.block_size = block_size
+        self.pool = pool
+        self.block_size = pool.block_size
         self.capacity = capacity
-        self.num_blocks = -(-capacity // block_size)
-        kv_shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        sum_shape = (num_layers, batch, num_kv_heads, self.num_blocks, head_dim)
-        self.k = torch.empty(kv_shape, dtype=dtype, device=device)
-        self.v = torch.empty(kv_shape, dtype=dtype, device=device)
-        self.kmin = torch.empty(sum_shape, dtype=dtype, device=device)
-        self.kmax = torch.empty(sum_shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.max_blocks = -(-capacity // pool.block_size)
+        self.blocks: list[list[int]] = [[] for _ in range(batch)]
+        self.pages = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=pool.device)
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=pool.device)
         self._plans: dict[tuple[int, bool], PlanBuffers] = {}
 
-    @staticmethod
-    def bytes_needed(num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
-                     block_size: int, element_size: int) -> int:
-        """Bytes a cache of these sizes allocates: K and V, plus kmin and kmax per block."""
-        per_slot = 2 * num_layers * batch * num_kv_heads * head_dim * element_size
-        return per_slot * (capacity + -(-capacity // block_size))
+    @classmethod
+    def create(cls, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, block_size: int,
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+        """A cache over its own pool, sized for `batch` full rows (the pool grows if rows share
+        blocks that are later copied)."""
+        blocks = batch * -(-capacity // block_size)
+        return cls(KVPool(num_layers, blocks, num_kv_heads, block_size, head_dim, dtype, device), batch, capacity)
+
+    # The pool's tensors, read at call time (a pool that grew has new ones).
+    @property
+    def k(self) -> torch.Tensor:
+        return self.pool.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.pool.v
+
+    @property
+    def kmin(self) -> torch.Tensor:
+        return self.pool.kmin
+
+    @property
+    def kmax(self) -> torch.Tensor:
+        return self.pool.kmax
+
+    @property
+    def num_layers(self) -> int:
+        return self.pool.num_layers
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return len(self.blocks)
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k.shape[2]
+        return self.pool.num_kv_heads
 
     @property
     def device(self) -> torch.device:
-        return self.k.device
+        return self.pool.device
 
-    def bytes(self) -> int:
-        """Bytes held by K, V and the summaries."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
+    # ---- blocks ----
+
+    def blocks_for(self, length: int) -> int:
+        return -(-length // self.block_size)
+
+    def reserve(self, start: Sequence[int], end: Sequence[int]) -> None:
+        """Make every row able to take a pass that writes positions [start[b], end[b]): the blocks
+        those positions touch become private to the row (copied if shared), and new blocks are
+        allocated up to ceil(end[b] / BS). Rows with end[b] <= start[b] are left as they are."""
+        if max(end) > self.capacity:
+            raise ValueError(f"a row would need {max(end)} cache slots but the cache holds {self.capacity} "
+                             "per row; allocate a larger cache (or generate fewer tokens)")
+        alloc = self.pool.allocator
+        updates: dict[tuple[int, int], int] = {}
+        for b, (s, e) in enumerate(zip(start, end)):
+            if e <= s:
+                continue
+            held = self.blocks[b]
+            for j in range(s // self.block_size, min(self.blocks_for(e), len(held))):
+                if alloc.is_shared(held[j]):
+                    updates[b, j] = self._make_private(b, j)
+            grow = self.blocks_for(e) - len(held)
+            if grow > 0:
+                fresh = self.pool.allocate(grow)
+                for j, blk in enumerate(fresh, start=len(held)):
+                    updates[b, j] = blk
+                held.extend(fresh)
+        self._write_pages(updates)
+
+    def _make_private(self, b: int, j: int) -> int:
+        """Row b's block j, made safe to write: withdrawn from the prefix cache if the row is its
+        only holder, else replaced by a copy. Returns the block the row now holds."""
+        alloc, blk = self.pool.allocator, self.blocks[b][j]
+        if alloc.refs[blk] == 1:
+            alloc.forget(blk)
+            return blk
+        new = self.pool.allocate(1)[0]
+        self.pool.copy_blocks([blk], [new])
+        alloc.release([blk])
+        self.blocks[b][j] = new
+        return new
+
+    def attach(self, row: int, blocks: Sequence[int]) -> None:
+        """Give an empty row `blocks` (already referenced for it, e.g. by a prefix-cache lookup)."""
+        if self.blocks[row]:
+            raise ValueError(f"row {row} already holds blocks")
+        if len(blocks) > self.max_blocks:
+            raise ValueError(f"{len(blocks)} blocks exceed the row's {self.max_blocks}")
+        self.blocks[row] = list(blocks)
+        self._write_pages({(row, j): blk for j, blk in enumerate(blocks)})
+
+    def shrink(self, row: int, length: int) -> None:
+        """Keep only the blocks row `row` needs for `length` tokens; the block holding a partial
+        last one becomes private (its summary will be rewritten)."""
+        keep = self.blocks_for(length)
+        held = self.blocks[row]
+        self.pool.allocator.release(held[keep:])
+        del held[keep:]
+        if length % self.block_size and self.pool.allocator.is_shared(held[-1]):
+            self._write_pages({(row, keep - 1): self._make_private(row, keep - 1)})
+
+    def release(self, rows: Sequence[int] | None = None) -> None:
+        """Return every block of `rows` (default all) to the pool."""
+        for b in range(self.batch) if rows is None else rows:
+            self.pool.allocator.release(self.blocks[b])
+            self.blocks[b] = []
+
+    def copy(self) -> "KVCache":
+        """A cache over the same pool whose rows share this one's blocks (copied on first write)."""
+        out = KVCache(self.pool, self.batch, self.capacity)
+        for b, held in enumerate(self.blocks):
+            self.pool.allocator.share(held)
+            out.blocks[b] = list(held)
+        out.pages.copy_(self.pages)
+        out.lengths.copy_(self.lengths)
+        return out
+
+    def widen(self, capacity: int) -> None:
+        """Let rows hold up to `capacity` tokens (a wider block table; held blocks stay)."""
+        if capacity <= self.capacity:
+            return
+        self.capacity = capacity
+        self.max_blocks = self.blocks_for(capacity)
+        pages = torch.zeros(self.batch, self.max_blocks, dtype=torch.int32, device=self.device)
+        pages[:, :self.pages.shape[1]] = self.pages
+        self.pages = pages
+        self._plans.clear()
+
+    def _write_pages(self, updates: dict[tuple[int, int], int]) -> None:
+        if updates:
+            rows, cols = zip(*updates)
+            dev = self.device
+            self.pages[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = \
+                torch.tensor(list(updates.values()), dtype=torch.int32, device=dev)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the pool may already be gone
+            pass
+
+    # ---- selection buffers ----
 
     def plan_buffers(self, num_slots: int, kernels: bool) -> PlanBuffers:
         """The selection buffers for tables of `num_slots` columns, allocated on first use."""
@@ -160,15 +276,7 @@ class KVCache:
             if kernels:
                 from .kernels import SelectionWorkspace
 
-                workspace = SelectionWorkspace.allocate(B, HKV, self.num_blocks, dev)
+                workspace = SelectionWorkspace.allocate(B, HKV, self.max_blocks, dev)
             self._plans[key] = PlanBuffers(torch.empty(B, HKV, num_slots, dtype=torch.int32, device=dev),
                                            torch.empty(B, dtype=torch.int32, device=dev), workspace)
         return self._plans[key]
-
-    def copy(self) -> "KVCache":
-        """An independent copy (tensors and lengths; selection buffers are not shared)."""
-        L, B, HKV, cap, D = self.k.shape
-        out = KVCache(L, B, HKV, cap, D, self.block_size, self.k.dtype, self.device)
-        for name in ("k", "v", "kmin", "kmax", "lengths"):
-            getattr(out, name).copy_(getattr(self, name))
-        return out

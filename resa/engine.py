@@ -9,11 +9,13 @@ from typing import Callable, Sequence
 import torch
 
 from . import validate
+from .blocks import CacheTooLargeError, block_hashes
 from .cache import KVCache
 from .config import ResaConfig
 from .errors import UsageError
 from .generate import Collector, GenerationStats, decode, wall_clock
 from .model import Transformer
+from .pool import KVPool
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
 
@@ -22,8 +24,11 @@ class PromptTooLongError(UsageError):
     """The prompt (plus the requested new tokens) does not fit the model's context."""
 
 
-class CacheTooLargeError(UsageError):
-    """The KV cache a request needs cannot fit in the free GPU memory."""
+# Memory a forward pass needs besides weights and the KV pool (activations of a prefill chunk,
+# logits, CUDA graph pools), kept out of the pool's share of the GPU.
+ACTIVATION_RESERVE_BYTES = 2 << 30
+
+__all__ = ["Engine", "GenerationResult", "PromptTooLongError", "CacheTooLargeError"]
 
 
 @dataclass
@@ -48,10 +53,18 @@ class Engine:
     `generate` / `generate_ids` prefill a batch and run the generation loop; `open` gives a
     `Runner` over a fresh cache for callers that prefill or fork contexts themselves, and
     `decode` runs the same loop from such a runner.
+
+    KV memory: every runner of a block size takes its blocks from one paged pool (`kv_pool`),
+    which grows on demand up to a limit: kv_cache_gib if given (then allocated at once), else on
+    CUDA gpu_memory_utilization of the GPU's memory minus what is already in use and an
+    activation reserve, on CPU half the machine's memory. prefix_caching: prompts reuse the
+    cached blocks of a common prefix (docs/architecture.md, "Paged KV pool").
     """
 
     def __init__(self, model: Transformer, tokenizer=None, cuda_graphs: bool = True,
-                 reuse_buffers: bool | None = None) -> None:
+                 reuse_buffers: bool | None = None, *, prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None) -> None:
+        validate.check_pool_args(gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib)
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -63,6 +76,10 @@ class Engine:
         # same batch bucket (see `_acquire`); on by default where there are graphs to keep.
         self.reuse_buffers = self.cuda_graphs if reuse_buffers is None else reuse_buffers
         self._pooled: Runner | None = None
+        self.prefix_caching = prefix_caching
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_gib = kv_cache_gib
+        self._pools: dict[int, KVPool] = {}
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -88,52 +105,78 @@ class Engine:
 
     # ---- runners ----
 
-    def open(self, batch: int, capacity: int, block_size: int = 16) -> Runner:
-        """A runner over an empty cache of `batch` rows x `capacity` tokens; on CUDA, a clear
-        error (instead of an allocator crash) when the cache cannot fit in the free GPU memory."""
-        cfg = self.model.cfg
-        if self.device.type == "cuda":
-            need = KVCache.bytes_needed(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-                                        block_size, torch.empty((), dtype=self.dtype).element_size())
-            free = torch.cuda.mem_get_info(self.device)[0]
-            if need > free:
+    def kv_pool(self, block_size: int = 16, blocks_hint: int = 0) -> KVPool:
+        """The KV pool of `block_size`, created on first use (at least `blocks_hint` blocks)."""
+        pool = self._pools.get(block_size)
+        if pool is None:
+            cfg = self.model.cfg
+            per_block = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, block_size, cfg.head_dim,
+                                               torch.empty((), dtype=self.dtype).element_size())
+            limit = max(1, self._pool_bytes() // per_block)
+            if blocks_hint > limit:
                 raise CacheTooLargeError(
-                    f"the KV cache for batch {batch} x {capacity} tokens needs {need / 2**30:.1f} GiB but "
-                    f"{free / 2**30:.1f} GiB of GPU memory is free; use fewer prompts, shorter prompts or "
-                    "fewer new tokens"
-                )
-        cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, block_size,
-                        dtype=self.dtype, device=self.device)
-        return Runner(self.model, cache, cuda_graphs=self.cuda_graphs)
+                    f"the KV cache needs {blocks_hint * per_block / 2**30:.1f} GiB but the pool may use "
+                    f"{limit * per_block / 2**30:.1f} GiB; use fewer prompts, shorter prompts or fewer new "
+                    "tokens (or allow more: gpu_memory_utilization / kv_cache_gib)")
+            start = limit if self.kv_cache_gib is not None else max(blocks_hint, min(limit, 64))
+            pool = KVPool(cfg.num_layers, start, cfg.num_kv_heads, block_size, cfg.head_dim, self.dtype,
+                          self.device, max_blocks=limit)
+            self._pools[block_size] = pool
+        return pool
+
+    def _pool_bytes(self) -> int:
+        """The memory a new pool may take."""
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * 2**30)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return max(0, int(self.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES)
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+    def open(self, batch: int, capacity: int, block_size: int = 16) -> Runner:
+        """A runner of `batch` empty rows of up to `capacity` tokens over the engine's KV pool;
+        a clear error (instead of an allocator crash) when that many full rows cannot fit."""
+        need = batch * -(-capacity // block_size)
+        pool = self.kv_pool(block_size, need)
+        if need > pool.available():
+            raise CacheTooLargeError(
+                f"the KV cache for batch {batch} x {capacity} tokens needs {need * pool.block_bytes / 2**30:.1f} "
+                f"GiB but the pool has {pool.available() * pool.block_bytes / 2**30:.1f} GiB free; use fewer "
+                "prompts, shorter prompts or fewer new tokens")
+        return Runner(self.model, KVCache(pool, batch, capacity), cuda_graphs=self.cuda_graphs)
 
     def release_buffers(self) -> None:
-        """Free the runner (cache and CUDA graphs) kept from the last generation."""
+        """Free the runner kept from the last generation (its CUDA graphs) and the KV pools no
+        runner holds blocks of (cached prefixes included)."""
         self._pooled = None
+        for bs, pool in list(self._pools.items()):
+            if pool.allocator.num_held == 0:
+                del self._pools[bs]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _acquire(self, batch: int, need: int, block_size: int, keep: bool) -> Runner:
-        """An empty runner of at least `batch` rows x `need` tokens.
+        """An empty runner of at least `batch` rows of up to `need` tokens.
 
         With reuse_buffers, rows come in power-of-two buckets (extra rows decode a 1-token dummy
         prompt: nearly free, decoding is bound by the weights) and the capacity is rounded up to
-        4096 tokens, so later calls of a similar size reuse the cache and its captured graphs
-        instead of capturing new ones. A rounded cache that does not fit falls back to the exact size.
+        4096 tokens, so later calls of a similar size reuse the runner and its captured graphs
+        instead of capturing new ones. Blocks are only taken as rows grow, so the rounding costs
+        no KV memory.
         """
         if not self.reuse_buffers or keep:
-            return self.open(batch, need, block_size)
+            return Runner(self.model, KVCache(self.kv_pool(block_size), batch, need), cuda_graphs=self.cuda_graphs)
         rows = 1 << (batch - 1).bit_length()
         pooled = self._pooled
         if pooled is not None and pooled.batch == rows and pooled.capacity >= need \
                 and pooled.cache.block_size == block_size:
             pooled.reset()
             return pooled
-        self.release_buffers()
+        self._pooled = None
         capacity = max(need, min(-(-need // 4096) * 4096, self.context_length))
-        try:
-            runner = self.open(rows, capacity, block_size)
-        except CacheTooLargeError:  # the rounded cache does not fit the free GPU memory: exact size
-            runner = self.open(batch, need, block_size)
+        runner = Runner(self.model, KVCache(self.kv_pool(block_size), rows, capacity), cuda_graphs=self.cuda_graphs)
         self._pooled = runner
         return runner
 
@@ -215,16 +258,39 @@ class Engine:
         runner = self._acquire(len(lens), need, resa.block_size, keep_cache)
         # Rows past the prompts (a batch bucket's spare rows) decode a 1-token dummy prompt.
         rows = list(prompt_ids) + [[0]] * (runner.batch - len(lens))
-        capture0 = runner.capture_seconds
-        t0 = wall_clock(self.device)
-        logits = runner.extend(rows, resa.prefill_chunk)
-        prefill_seconds = wall_clock(self.device) - t0
-        result = self.decode(runner, logits, resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
-                             eos_token_ids=eos_token_ids, on_token=on_token, sync_every=sync_every,
-                             rows=len(lens), keep=keep_cache)
+        self._check_pool_fits(runner, rows, max_new_tokens)
+        capture0, hits0 = runner.capture_seconds, runner.prefix_hits
+        try:
+            t0 = wall_clock(self.device)
+            logits = runner.prefill(rows, resa.prefill_chunk, share=self.prefix_caching)
+            prefill_seconds = wall_clock(self.device) - t0
+            result = self.decode(runner, logits, resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
+                                 eos_token_ids=eos_token_ids, on_token=on_token, sync_every=sync_every,
+                                 rows=len(lens), keep=keep_cache)
+        finally:
+            if not keep_cache:
+                runner.reset()  # the rows' blocks go back to the pool at once
         result.stats.prefill_seconds = prefill_seconds
         result.stats.capture_seconds = runner.capture_seconds - capture0
+        result.stats.prefix_cached_tokens = runner.prefix_hits - hits0
         return result
+
+    def _check_pool_fits(self, runner: Runner, rows: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """A clear error before any work when the rows' blocks (prompt + new tokens, less what the
+        prefix cache and shared prefixes save) cannot fit the pool."""
+        cache, pool = runner.cache, runner.cache.pool
+        need = sum(cache.blocks_for(len(r) + max_new_tokens) for r in rows)
+        if need <= pool.available():
+            return
+        if self.prefix_caching:
+            bs = cache.block_size
+            need -= pool.allocator.blocks_saved([block_hashes(r, bs)[:(len(r) - 1) // bs] for r in rows])
+        if need > pool.available():
+            gib = pool.block_bytes / 2**30
+            raise CacheTooLargeError(
+                f"this batch needs {need * gib:.1f} GiB of KV blocks but the pool has {pool.available() * gib:.1f} "
+                "GiB free; use fewer prompts, shorter prompts or fewer new tokens (or allow the pool more "
+                "memory: gpu_memory_utilization / kv_cache_gib)")
 
     def decode(
         self,

@@ -35,6 +35,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0  # part of prefill + decode spent capturing CUDA graphs (first use)
+    prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     kv_tokens_read: int = 0
     kv_tokens_dense: int = 0
     peak_memory_gib: float | None = None  # CUDA only: weights + cache + activations
@@ -64,6 +65,7 @@ class GenerationStats:
             f"prefill={self.prefill_seconds:.2f}s kv_read={self.kv_read_fraction:.3f} "
             f"rectifications={self.rectifications}"
             + (f" graph_capture={self.capture_seconds:.2f}s" if self.capture_seconds else "")
+            + (f" prefix_cached={self.prefix_cached_tokens}" if self.prefix_cached_tokens else "")
             + (f" peak_memory={self.peak_memory_gib:.1f}GiB" if self.peak_memory_gib is not None else "")
         )
 

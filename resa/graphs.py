@@ -24,6 +24,10 @@ class GraphSet:
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # eager first passes + captures, all keys
 
+    def clear(self) -> None:
+        """Forget every captured graph (the buffers they read were reallocated)."""
+        self.graphs.clear()
+
     def run(self, key: Hashable, fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """fn(tokens) through the graph of `key`; returns a fresh logits tensor."""
         entry = self.graphs.get(key)

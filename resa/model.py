@@ -231,8 +231,9 @@ class Transformer(nn.Module):
         """Dense causal logits [B, T, V] (fp32) of full sequences from an empty cache."""
         B, T = tokens.shape
         p = next(self.parameters())
-        cache = KVCache(self.cfg.num_layers, B, self.cfg.num_kv_heads, T, self.cfg.head_dim,
-                        block_size, dtype=p.dtype, device=p.device)
+        cache = KVCache.create(self.cfg.num_layers, B, self.cfg.num_kv_heads, T, self.cfg.head_dim,
+                               block_size, dtype=p.dtype, device=p.device)
+        cache.reserve([0] * B, [T] * B)
         span = Span.make([0] * B, [T] * B, T, tokens.device)
         return self.logits(self.forward(tokens, cache, span))
 

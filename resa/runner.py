@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from . import attention as attn
+from .blocks import block_hashes
 from .cache import KVCache, Span
 from .config import ResaConfig
 
@@ -22,12 +23,15 @@ class Runner:
     """Forward passes of `model` against `cache` (rows of a batch, each with its own length).
 
     cuda_graphs: replay captured graphs for decode steps and rectification windows (CUDA, Triton
-    backend, models that support it); prefill chunks always run eagerly.
+    backend, models that support it); prefill chunks always run eagerly. Before each pass the
+    runner makes the rows hold the blocks the pass writes (`KVCache.reserve`).
     """
 
     def __init__(self, model, cache: KVCache, *, cuda_graphs: bool = True) -> None:
         self.model, self.cache = model, cache
         self.lengths: list[int] = cache.lengths.tolist()
+        self.prefix_hits = 0  # prompt tokens taken from the prefix cache by `prefill`
+        self._generation = cache.pool.generation
         use = (cuda_graphs and cache.device.type == "cuda" and getattr(model, "graph_safe", False)
                and attn.resolve_backend(model.backend, cache.device) == "triton")
         if use:
@@ -56,15 +60,15 @@ class Runner:
     # ---- passes ----
 
     def extend(self, rows: Sequence[Sequence[int]], chunk: int) -> torch.Tensor:
-        """Append each row's tokens (ragged, at least one per row) densely, in chunks of `chunk`
-        columns (a prefill when the rows are empty). Returns fp32 logits [B, V] of each row's last
-        new token."""
+        """Append each row's tokens (ragged; a row may get none, but some row must get one)
+        densely, in chunks of `chunk` columns (a prefill when the rows are empty). Returns fp32
+        logits [B, V] of each row's last new token (zeros for rows that got none)."""
         lens = [len(r) for r in rows]
         if len(rows) != self.batch:
             raise ValueError(f"extend needs one token list per row ({self.batch}), got {len(rows)}")
-        if min(lens) < 1:
-            raise ValueError("every row needs at least one token")
-        self._check_fit([n + m for n, m in zip(self.lengths, lens)])
+        if max(lens) < 1:
+            raise ValueError("extend needs at least one token")
+        self._reserve(self.lengths, [n + m for n, m in zip(self.lengths, lens)])
         longest = max(lens)
         ids = torch.zeros(self.batch, longest, dtype=torch.int64)
         for b, r in enumerate(rows):
@@ -82,12 +86,58 @@ class Runner:
                 if c0 <= n - 1 < c0 + width:
                     last[b] = logits[b]
             self.lengths = list(span.end)
-        return torch.stack(last)
+        filler = torch.zeros_like(next(x for x in last if x is not None))
+        return torch.stack([filler if x is None else x for x in last])
+
+    def prefill(self, rows: Sequence[Sequence[int]], chunk: int, *, share: bool = True) -> torch.Tensor:
+        """`extend` of empty rows by their prompts, through the pool's prefix cache.
+
+        With share, each prompt takes the cached blocks of its longest cached prefix (full blocks
+        of an earlier prompt with the same tokens before them) and only the rest is computed; its
+        own full prompt blocks are then offered to later prompts. Rows of this batch that share a
+        prefix no earlier call cached are filled in waves: the first of them computes it, the
+        others take it. The last token of a prompt is always computed (its logits are needed).
+        Returns fp32 logits [B, V] of each row's last token; `prefix_hits` counts reused tokens.
+        """
+        if any(self.lengths):
+            raise ValueError("prefill needs empty rows (use extend to append)")
+        if not share:
+            return self.extend(rows, chunk)
+        bs, alloc = self.cache.block_size, self.cache.pool.allocator
+        hashes = [block_hashes(r, bs) for r in rows]
+        out: list[torch.Tensor | None] = [None] * self.batch
+        pending = list(range(self.batch))
+        while pending:
+            # One row per prefix that is not cached yet computes it; rows waiting for the same
+            # prefix take it in a later wave.
+            wave, claimed = [], set()
+            for b in pending:
+                usable = hashes[b][:(len(rows[b]) - 1) // bs]
+                hit = alloc.cached_prefix(usable)
+                key = usable[hit] if hit < len(usable) else None
+                if key is None or key not in claimed:
+                    wave.append((b, usable))
+                    claimed.add(key)
+            feed = [[] for _ in range(self.batch)]
+            for b, usable in wave:
+                taken = alloc.lookup(usable)
+                self.cache.attach(b, taken)
+                self.lengths[b] = len(taken) * bs
+                self.prefix_hits += len(taken) * bs
+                feed[b] = list(rows[b][len(taken) * bs:])
+            self.cache.lengths.copy_(torch.tensor(self.lengths, device=self.device))
+            logits = self.extend(feed, chunk)
+            for b, _ in wave:
+                out[b] = logits[b]
+                alloc.register(self.cache.blocks[b][:len(hashes[b])], hashes[b])
+            done = {b for b, _ in wave}
+            pending = [b for b in pending if b not in done]
+        return torch.stack(out)
 
     def step(self, tokens: torch.Tensor, sparse: ResaConfig | None, observe: attn.QueryObserver | None = None) -> torch.Tensor:
         """Feed one token per row (tokens [B]) at the end of each row; sparse None attends densely,
         a ReSA config block-sparsely (whatever its mode). Returns fp32 logits [B, V]."""
-        self._check_fit([n + 1 for n in self.lengths])
+        self._reserve(self.lengths, [n + 1 for n in self.lengths])
         tokens = tokens.to(self.device).view(self.batch)
         if self.graphs is not None and observe is None:
             cache = self.cache
@@ -110,7 +160,7 @@ class Runner:
         start = [n - overwrite for n in self.lengths]
         if min(start) < 0:
             raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding {min(self.lengths)}")
-        self._check_fit([s + W for s in start])
+        self._reserve(start, [s + W for s in start])
         tokens = tokens.to(self.device)
         if self.graphs is not None:
             cache = self.cache
@@ -127,46 +177,53 @@ class Runner:
     # ---- row state ----
 
     def reset(self) -> None:
-        """Empty every row (buffers and their addresses stay, so captured graphs stay valid)."""
+        """Empty every row, returning its blocks to the pool (the table and buffers stay, so
+        captured graphs stay valid)."""
+        self.cache.release()
         self.cache.lengths.zero_()
         self.lengths = [0] * self.batch
 
     def truncate(self, lengths: Sequence[int]) -> None:
         """Shorten rows to `lengths` (each at most the row's current length): later slots are
-        forgotten and the summary of each row's new partial last block is recomputed."""
+        forgotten (blocks past them return to the pool) and the summary of each row's new partial
+        last block is recomputed."""
         lengths = [int(n) for n in lengths]
         if len(lengths) != self.batch or any(not 0 <= n <= m for n, m in zip(lengths, self.lengths)):
             raise ValueError(f"truncate needs one length per row within 0..current {self.lengths}, got {lengths}")
+        for b, n in enumerate(lengths):
+            self.cache.shrink(b, n)
         bs = self.cache.block_size
         start = torch.tensor([n // bs * bs for n in lengths], device=self.device)
         end = torch.tensor(lengths, device=self.device)
         backend = attn.resolve_backend(self.model.backend, self.device)
-        for layer in range(self.cache.k.shape[0]):
+        for layer in range(self.cache.num_layers):
             attn.refresh_layer_summaries(self.cache, layer, start, end, backend)
         self.cache.lengths.copy_(end)
         self.lengths = lengths
 
     def fork(self) -> "Runner":
-        """An independent runner over a copy of this cache (graphs are not shared)."""
+        """An independent runner whose rows start as this one's (blocks are shared until either
+        side writes them; graphs are not shared)."""
         other = Runner(self.model, self.cache.copy(), cuda_graphs=self.graphs is not None)
         other.lengths = list(self.lengths)
         return other
 
     def load_rows(self, sources: Sequence["Runner"]) -> None:
-        """Fill row b with the single row of sources[b] (same block size, each keeping its own
-        length): rows prefilled separately (e.g. from one shared prefix) then decode together."""
-        c, bs = self.cache, self.cache.block_size
+        """Make row b a copy of the single row of sources[b] (same pool; blocks are shared until
+        written): rows prefilled separately (e.g. from one shared prefix) then decode together."""
+        c = self.cache
         if len(sources) != self.batch:
             raise ValueError(f"load_rows needs {self.batch} single-row runners, got {len(sources)}")
+        for src in sources:
+            if src.batch != 1 or src.cache.pool is not c.pool:
+                raise ValueError("load_rows takes single-row runners over this runner's KV pool (same engine and "
+                                 "block size)")
+            if src.lengths[0] > c.capacity:
+                raise ValueError(f"a row holds {src.lengths[0]} tokens, more than capacity {c.capacity}")
+        c.release()
         for b, src in enumerate(sources):
-            if src.batch != 1 or src.cache.block_size != bs:
-                raise ValueError("load_rows takes single-row runners of this cache's block size")
-            n = src.lengths[0]
-            if n > c.capacity:
-                raise ValueError(f"row {b} holds {n} tokens, more than capacity {c.capacity}")
-            nb = -(-n // bs)
-            for name, count in (("k", n), ("v", n), ("kmin", nb), ("kmax", nb)):
-                getattr(c, name)[:, b, :, :count] = getattr(src.cache, name)[:, 0, :, :count]
+            c.pool.allocator.share(src.cache.blocks[0])
+            c.attach(b, src.cache.blocks[0])
         self.lengths = [s.lengths[0] for s in sources]
         c.lengths.copy_(torch.tensor(self.lengths, device=self.device))
 
@@ -174,20 +231,29 @@ class Runner:
         """Make every row a context of `length` random (standard normal) keys and values with
         exact block summaries, without running the model: for decode benchmarks, whose speed
         depends on the cache's size and not on its contents."""
-        self._check_fit([length] * self.batch)
+        self.reset()
+        self._reserve([0] * self.batch, [length] * self.batch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         c = self.cache
         zero = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
         end = torch.full_like(zero, length)
         backend = attn.resolve_backend(self.model.backend, self.device)
-        for layer in range(c.k.shape[0]):
-            c.k[layer, :, :, :length].normal_(0.0, 1.0, generator=gen)
-            c.v[layer, :, :, :length].normal_(0.0, 1.0, generator=gen)
+        pool = c.pool
+        shape = (c.blocks_for(length), pool.num_kv_heads, pool.block_size, pool.head_dim)
+        for layer in range(c.num_layers):
+            for held in c.blocks:
+                ids = torch.tensor(held, device=self.device)
+                for t in (pool.k, pool.v):
+                    t[layer].index_copy_(0, ids, torch.randn(shape, generator=gen, device=self.device, dtype=t.dtype))
             attn.refresh_layer_summaries(c, layer, zero, end, backend)
         c.lengths.copy_(end)
         self.lengths = [length] * self.batch
 
-    def _check_fit(self, needed: Sequence[int]) -> None:
-        if max(needed) > self.capacity:
-            raise ValueError(f"a row would need {max(needed)} cache slots but the cache holds {self.capacity} "
-                             "per row; allocate a larger cache (or generate fewer tokens)")
+    def _reserve(self, start: Sequence[int], end: Sequence[int]) -> None:
+        """Blocks for a pass writing [start[b], end[b]); captured graphs are dropped when the pool
+        had to reallocate (their addresses are stale)."""
+        self.cache.reserve(start, end)
+        if self.cache.pool.generation != self._generation:
+            self._generation = self.cache.pool.generation
+            if self.graphs is not None:
+                self.graphs.clear()

@@ -205,6 +205,16 @@ def check_load_args(*, device: Any, dtype: Any, backend: Any) -> tuple[torch.dev
     return check_device(device), check_dtype(dtype), check_backend(backend)
 
 
+def check_pool_args(*, gpu_memory_utilization: Any, kv_cache_gib: Any) -> None:
+    """KV pool limits of `Engine`: a fraction in (0, 1] and an optional positive size in GiB."""
+    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
+            or not 0 < gpu_memory_utilization <= 1:
+        raise UsageError(f"gpu_memory_utilization must be a fraction in (0, 1], got {gpu_memory_utilization!r}")
+    if kv_cache_gib is not None and (isinstance(kv_cache_gib, bool) or not isinstance(kv_cache_gib, (int, float))
+                                     or not kv_cache_gib > 0 or kv_cache_gib != kv_cache_gib):
+        raise UsageError(f"kv_cache_gib must be a positive number of GiB (or None: sized on demand), got {kv_cache_gib!r}")
+
+
 def check_token_ids(name: str, values: Any, vocab_size: int | None = None) -> tuple[int, ...] | None:
     """A collection of token ids such as `eos_token_ids`: None passes through (the default); else
     integers, each in [0, vocab_size) when vocab_size is given. An empty collection is allowed

@@ -41,24 +41,24 @@ class ResaPass:
 class ResaCache:
     """Per-layer K/V and block key min/max for a transformers causal LM decoding with ReSA.
 
-    Storage is `resa.cache.KVCache`, the cache of our own engine: k, v [L, B, HKV, capacity, D] and
-    kmin, kmax [L, B, HKV, ceil(capacity / BS), D] (post-RoPE keys), plus per-row lengths. Rows are
-    ragged: row b holds its `lengths[b]` tokens in slots 0 .. lengths[b]-1, with no padding slots,
-    so a left-padded transformers batch is stored (and its blocks aligned) exactly as our engine
-    stores it.
+    Storage is `resa.cache.KVCache`, the paged cache of our own engine: blocks of BS tokens from a
+    pool (K/V and the blocks' key min/max summaries, post-RoPE keys) listed in per-row block
+    tables, plus per-row lengths. Rows are ragged: row b holds its `lengths[b]` tokens at positions
+    0 .. lengths[b]-1, with no padding slots, so a left-padded transformers batch is stored (and
+    its blocks aligned) exactly as our engine stores it.
 
     Contract with the model: every forward pass that writes here is bracketed by `begin(pass_)`
     and `end()` (the generation loop in `resa.hf.generate` does this). Inside the pass each
     attention layer calls `update(k, v, layer_idx)` with k, v [B, HKV, T, D] (T = span.width); the
     span's valid columns are written, the summaries of exactly the blocks the write touches are
-    brought up to date (incremental min/max for a one-token append), and the layer's whole K/V
-    storage [B, HKV, capacity, D] is returned; the attention function reads only slots below each
-    row's end. Writes end at a row's end: appends, or overwrites of the newest tokens
+    brought up to date (incremental min/max for a one-token append), and the layer's K/V pool
+    [num_blocks, HKV, BS, D] is returned; the attention function reads each row's blocks below its
+    end through the table. Writes end at a row's end: appends, or overwrites of the newest tokens
     (rectification).
 
-    Dynamic by default: when a pass needs more slots than allocated, storage grows (doubling) and
-    is copied. With `static=True` the capacity is fixed and exceeding it raises, so buffer
-    addresses never change.
+    Dynamic by default: when a pass needs more slots than the capacity, the capacity doubles (the
+    block table widens; held blocks stay where they are). With `static=True` the capacity is fixed
+    and exceeding it raises.
     """
 
     is_compileable = False
@@ -80,8 +80,8 @@ class ResaCache:
         self.num_layers = num_layers
         self.static = static
         self.backend = backend
-        self.kv = KVCache(num_layers, batch, num_kv_heads, capacity, head_dim, block_size,
-                          dtype=dtype, device=device)
+        self.kv = KVCache.create(num_layers, batch, num_kv_heads, capacity, head_dim, block_size,
+                                 dtype=dtype, device=device)
         self.stats = ResaStats()
         self._pass: ResaPass | None = None
 
@@ -120,7 +120,8 @@ class ResaCache:
         return max(self.lengths)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v, kmin, kmax) of one layer: [B, HKV, capacity, D] twice, [B, HKV, NBmax, D] twice."""
+        """(k, v, kmin, kmax) pools of one layer: [num_blocks, HKV, BS, D] twice, [num_blocks, HKV, D]
+        twice (read a row's blocks through `self.kv.pages`)."""
         kv = self.kv
         return kv.k[layer_idx], kv.v[layer_idx], kv.kmin[layer_idx], kv.kmax[layer_idx]
 
@@ -138,14 +139,16 @@ class ResaCache:
     # ---- one forward pass ----
 
     def begin(self, pass_: ResaPass) -> None:
-        """Start a forward pass: check the span fits (growing the storage if dynamic)."""
+        """Start a forward pass: check the span fits (widening the capacity if dynamic) and make
+        the rows hold the blocks it writes."""
         if self._pass is not None:
             raise RuntimeError("a ReSA pass is already in progress on this cache")
         need = max(pass_.span.end)
         if need > self.capacity:
             if self.static:
                 raise ValueError(f"static ResaCache holds {self.capacity} tokens per row; this pass needs {need}")
-            self._grow(max(need, 2 * self.capacity))
+            self.kv.widen(max(need, 2 * self.capacity))
+        self.kv.reserve(pass_.span.start, pass_.span.end)
         self._pass = pass_
 
     def end(self) -> None:
@@ -161,24 +164,11 @@ class ResaCache:
         """Called by each attention layer with its new post-RoPE keys and values [B, HKV, T, D].
 
         Extra positional/keyword arguments (cache kwargs of some transformers versions) are
-        ignored: where to write comes from the current pass. Returns the layer's K and V storage
-        [B, HKV, capacity, D]."""
+        ignored: where to write comes from the current pass. Returns the layer's K and V pools
+        [num_blocks, HKV, BS, D]."""
         span = self.current.span
         if key_states.shape[2] != span.width:
             raise ValueError(f"layer {layer_idx} wrote {key_states.shape[2]} tokens into a pass of {span.width}")
         attn.write_kv(self.kv, layer_idx, key_states, value_states, span,
                       attn.resolve_backend(self.backend, key_states.device))
         return self.kv.k[layer_idx], self.kv.v[layer_idx]
-
-    def _grow(self, capacity: int) -> None:
-        """Reallocate to `capacity` slots per row and copy what is held."""
-        old = self.kv
-        L, B, HKV, cap, D = old.k.shape
-        new = KVCache(L, B, HKV, capacity, D, old.block_size, dtype=old.k.dtype, device=old.k.device)
-        nb = old.num_blocks
-        new.k[:, :, :, :cap] = old.k
-        new.v[:, :, :, :cap] = old.v
-        new.kmin[:, :, :, :nb] = old.kmin
-        new.kmax[:, :, :, :nb] = old.kmax
-        new.lengths.copy_(old.lengths)
-        self.kv = new

@@ -60,3 +60,23 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
     if q.shape[-1] not in (64, 128, 256):
         raise ValueError(f"{name}: head dim {q.shape[-1]} unsupported (64, 128, 256)")
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_pages(name: str, pages: torch.Tensor, batch: int) -> int:
+    """A block table [B, max_blocks] of int32/int64 physical block ids (logical block j of row b
+    lives in physical block pages[b, j]); returns max_blocks."""
+    if pages.dim() != 2 or pages.shape[0] != batch:
+        raise ValueError(f"{name}: pages must be [B={batch}, max_blocks], got {list(pages.shape)}")
+    check_dtype(name, "pages", pages, INDEX_DTYPES)
+    return pages.shape[1]
+
+
+def check_pool(name: str, what: str, pool: torch.Tensor, num_kv_heads: int | None = None) -> tuple[int, int, int, int]:
+    """One layer of the paged K/V pool, [num_blocks, HKV, BS, D] (the block's BS tokens of one KV
+    head are contiguous rows); returns its shape."""
+    if pool.dim() != 4:
+        raise ValueError(f"{name}: {what} must be a pool layer [num_blocks, HKV, BS, D], got {list(pool.shape)}")
+    if num_kv_heads is not None and pool.shape[1] != num_kv_heads:
+        raise ValueError(f"{name}: {what} has {pool.shape[1]} KV heads, expected {num_kv_heads}")
+    check_last_contiguous(name, what, pool)
+    return tuple(pool.shape)
