@@ -1,9 +1,14 @@
-"""Dense causal attention of a short chunk of queries per row over the whole KV cache.
+"""Dense causal attention of a short chunk of queries per row over the whole (paged) KV cache.
 
 The rectification pass (docs/method.md 3.2) re-encodes the newest f tokens of every row densely: f
 queries per row against up to the full context. That shape is memory-bound like a decode step
 (the whole cache is read once per pass) but has too few queries for a prefill kernel to fill the
-GPU, so it gets its own split-K kernel:
+GPU, so it gets its own split-K kernel.
+
+K/V live in a paged pool: one layer is [num_blocks, HKV, BS, D] physical blocks, and token position
+n of row b is row n % BS of physical block `pages[b, n // BS]`. A key tile of BLOCK_N tokens starts
+at a multiple of BLOCK_N, so it covers max(BLOCK_N // BS, 1) aligned pieces of whole or part blocks;
+the kernel loads one physical id per piece per tile.
 
 `chunk_attention_kernel`, grid (M tiles, B * HKV, splits): the G * T query rows of one KV group
 (G heads x T positions, row r = g * T + t) are cut into tiles of BLOCK_M rows; each program streams
@@ -23,24 +28,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_qkv, check_shape, interpreting
+from ._common import (INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_pages, check_pool,
+                      check_qkv, check_shape, interpreting)
 from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
-def _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn, qk_scale,
-                m_i, l_i, acc, UPCAST: tl.constexpr, MASK: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1. MASK=False for tiles every query
-    sees whole (all keys below the chunk's first position): no bounds or causal mask."""
+def _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+                stride_kp, stride_kn, stride_vp, stride_vn, stride_gj, qk_scale, m_i, l_i, acc,
+                BS: tl.constexpr, NP: tl.constexpr, TP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1 (n0 a multiple of BLOCK_N = NP * TP):
+    NP pieces of TP tokens, each inside one block. MASK=False for tiles every query sees whole
+    (all keys below the chunk's first position): no bounds or causal mask."""
     tok = n0 + offs_n
-    tok64 = tok.to(tl.int64)
+    first = n0 + offs_p * TP
+    pg = pg_row + (first // BS).to(tl.int64) * stride_gj
+    if MASK:
+        # Pieces at or past `end` are not mapped: their page entries are never read.
+        phys = tl.load(pg, mask=first < end, other=0).to(tl.int64)
+    else:
+        phys = tl.load(pg).to(tl.int64)
+    # Spread the NP ids over their tokens; the strides are applied after the reshape so that the
+    # compiler still sees 16-element aligned rows (vector loads, pipelined copies).
+    phys = tl.reshape(tl.broadcast_to(phys[:, None], [NP, TP]), [NP * TP])
+    k_off = phys * stride_kp + (tok % BS) * stride_kn
+    v_off = phys * stride_vp + (tok % BS) * stride_vn
     if MASK:
         in_row = tok < end
-        kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=in_row[:, None], other=0.0)
-        vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=in_row[:, None], other=0.0)
+        kt = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=in_row[:, None], other=0.0)
+        vt = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=in_row[:, None], other=0.0)
     else:
-        kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :])
-        vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :])
+        kt = tl.load(k_head + k_off[:, None] + offs_d[None, :])
+        vt = tl.load(v_head + v_off[:, None] + offs_d[None, :])
     s = tile_scores(q, kt, qk_scale, UPCAST)
     if MASK:
         s = tl.where(in_row[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
@@ -49,19 +68,23 @@ def _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, strid
 
 @triton.jit
 def chunk_attention_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, nvalid_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pages_ptr, start_ptr, nvalid_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_kp, stride_kh, stride_kn,
+    stride_vp, stride_vh, stride_vn,
+    stride_gb, stride_gj,
     stride_pb, stride_ph, stride_pr, stride_ps,
     stride_lb, stride_lh, stride_lr,
     num_kv_heads, T, num_splits, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+    NP: tl.constexpr, TP: tl.constexpr, UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """Partial attention of query rows [mt * BLOCK_M, +BLOCK_M) of group (b, hk) over one split of
-    its key tiles. q: [B, H, T, D]; k, v: [B, HKV, Nmax, D]; o: [B, HKV, G*T, splits, D] fp32
-    normalised partials; lse: [B, HKV, G*T, splits] fp32 log2-sum-exp2 (-inf where empty)."""
+    its key tiles. q: [B, H, T, D]; k, v: pool layers [num_blocks, HKV, BS, D]; pages: [B, max_blocks]
+    (key n of row b is row n % BS of physical block pages[b, n // BS]; only entries of blocks
+    holding a key < end are read); o: [B, HKV, G*T, splits, D] fp32 normalised partials;
+    lse: [B, HKV, G*T, splits] fp32 log2-sum-exp2 (-inf where empty). A key tile is NP pieces of
+    TP = min(BS, BLOCK_N) tokens, one physical block id each."""
     mt = tl.program_id(0)
     grp = tl.program_id(1)
     split = tl.program_id(2)
@@ -79,6 +102,7 @@ def chunk_attention_kernel(
     qpos = start + t
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, NP)
     heads64 = (hk * G + g).to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads64[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qt
                 + offs_d[None, :], mask=rmask[:, None], other=0.0)
@@ -91,8 +115,9 @@ def chunk_attention_kernel(
     lo = split * per * BLOCK_N
     hi = tl.minimum(lo + per * BLOCK_N, end)
 
-    k_row = k_ptr + b64 * stride_kb + hk64 * stride_kh
-    v_row = v_ptr + b64 * stride_vb + hk64 * stride_vh
+    k_head = k_ptr + hk64 * stride_kh
+    v_head = v_ptr + hk64 * stride_vh
+    pg_row = pages_ptr + b64 * stride_gb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -101,20 +126,24 @@ def chunk_attention_kernel(
     if WHILE_LOOP:
         n0 = lo
         while n0 < mid:
-            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST, False)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, False)
             n0 += BLOCK_N
         while n0 < hi:
-            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST, True)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, True)
             n0 += BLOCK_N
     else:
         for n0 in range(lo, mid, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST, False)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, False)
         for n0 in range(mid, hi, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_row, v_row, n0, end, qpos, offs_n, offs_d, stride_kn, stride_vn,
-                                        qk_scale, m_i, l_i, acc, UPCAST, True)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, True)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -191,6 +220,7 @@ def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    pages: torch.Tensor,
     start: torch.Tensor,
     n_valid: torch.Tensor,
     scale: float | None = None,
@@ -199,29 +229,37 @@ def chunk_attention(
     config: ChunkConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of T queries per row over that row's cache; same contract as
-    `resa.ref.dense_attention_ref` (query t of row b at position start[b] + t sees keys
-    j <= start[b] + t and j < start[b] + n_valid[b]; queries t >= n_valid[b] are padding).
+    """Causal attention of T queries per row over that row's paged cache; same contract as
+    `resa.ref.dense_attention_ref` on the cache that `pages` describes (query t of row b at
+    position start[b] + t sees keys j <= start[b] + t and j < start[b] + n_valid[b]; queries
+    t >= n_valid[b] are padding).
 
     q: [B, H, T, D] fp16/bf16 (fp32 accepted), any strides with a contiguous last dimension;
-    k, v: [B, HKV, Nmax, D] in q's dtype (e.g. one layer of the cache); start, n_valid: [B]
-    int32/int64 on the device. G = H / HKV any, D in 64, 128, 256. Returns [B, H, T, D] in q's
-    dtype, written into `out` if given (any strides with a contiguous last dimension).
+    k, v: one layer of the K/V pool, [num_blocks, HKV, BS, D] in q's dtype, any strides with a
+    contiguous last dimension; the block size BS = k.shape[2] is a power of two. pages:
+    [B, max_blocks] int32/int64, key position j of row b is row j % BS of physical block
+    pages[b, j // BS]; only entries j // BS < ceil((start[b] + n_valid[b]) / BS) are read (and
+    no other block of the pool). start, n_valid: [B] int32/int64 on the device. G = H / HKV any,
+    D in 64, 128, 256. Returns [B, H, T, D] in q's dtype, written into `out` if given (any strides
+    with a contiguous last dimension).
     """
     name = "chunk_attention"
-    device = check_device(name, q, k, v, start, n_valid)
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{name}: q must be [B, H, T, D] and k/v [B, HKV, Nmax, D]; "
-                         f"got {list(q.shape)}, {list(k.shape)}")
+    device = check_device(name, q, k, v, pages, start, n_valid)
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q must be [B, H, T, D], got {list(q.shape)}")
     B, H, T, D = q.shape
-    HKV, nmax = k.shape[1], k.shape[2]
-    check_shape(name, "k", k, (B, HKV, nmax, D))
-    check_shape(name, "v", v, (B, HKV, nmax, D))
+    num_blocks, HKV, block_size, _ = check_pool(name, "k", k)
+    check_pool(name, "v", v, HKV)
+    check_shape(name, "k", k, (num_blocks, HKV, block_size, D))
+    check_shape(name, "v", v, (num_blocks, HKV, block_size, D))
+    max_blocks = check_pages(name, pages, B)
     check_shape(name, "start", start, (B,))
     check_shape(name, "n_valid", n_valid, (B,))
     check_qkv(name, q, k, v)
     check_dtype(name, "start", start, INDEX_DTYPES)
     check_dtype(name, "n_valid", n_valid, INDEX_DTYPES)
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"{name}: block size (k.shape[2]) must be a power of two, got {block_size}")
     cfg = config or ChunkConfig()
     G = H // HKV
     if out is None:
@@ -234,22 +272,24 @@ def chunk_attention(
     rows = G * T
     block_m, block_n = min(cfg.block_m, max(16, triton.next_power_of_2(rows))), cfg.block_n
     m_tiles = triton.cdiv(rows, block_m)
+    pieces = max(block_n // block_size, 1)
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        num_splits = choose_chunk_splits(B * HKV, m_tiles, nmax, block_n, sms)
+        num_splits = choose_chunk_splits(B * HKV, m_tiles, max_blocks * block_size, block_n, sms)
     num_splits = max(1, min(int(num_splits), 128))
     o_part = torch.empty(B, HKV, rows, num_splits, D, dtype=torch.float32, device=device)
     lse = torch.empty(B, HKV, rows, num_splits, dtype=torch.float32, device=device)
     scale = D ** -0.5 if scale is None else float(scale)
     chunk_attention_kernel[(m_tiles, B * HKV, num_splits)](
-        q, k, v, start, n_valid, o_part, lse,
+        q, k, v, pages, start, n_valid, o_part, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        pages.stride(0), pages.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         HKV, T, num_splits, scale * 1.4426950408889634,
-        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NP=pieces, TP=block_n // pieces,
         UPCAST=interpreting() or q.dtype == torch.float32, WHILE_LOOP=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,11 +1,16 @@
-"""Block-sparse decode attention: split-K flash-decoding over the selected blocks.
+"""Block-sparse decode attention: split-K flash-decoding over the selected blocks of a paged cache.
+
+K/V live in a paged pool: one layer is [num_blocks, HKV, BS, D] physical blocks, and `pages[b, j]`
+names the physical block that holds logical block j (tokens j*BS .. j*BS + BS-1) of row b. The
+block table of the selection holds logical block ids; the kernel maps each one through `pages`.
 
 `sparse_decode_kernel`, grid (B * HKV, splits): one program streams a contiguous range of the row's
-block-table slots (BPI blocks = BPI * BS tokens per iteration) for all G query heads of the KV group
-at once (the G queries are padded to a 16-row tile so both products run on tensor cores; KV is read
-once per group). Online softmax in fp32, base 2. Each program writes its normalised partial output
-and log-sum-exp; `merge_splits_kernel`, grid (B * H,), combines them. With one split the first
-kernel writes the final output and the merge is skipped.
+block-table slots (BPI blocks = BPI * BS tokens per iteration; the BPI physical ids are loaded once
+per iteration) for all G query heads of the KV group at once (the G queries are padded to a 16-row
+tile so both products run on tensor cores; KV is read once per group). Online softmax in fp32,
+base 2. Each program writes its normalised partial output and log-sum-exp; `merge_splits_kernel`,
+grid (B * H,), combines them. With one split the first kernel writes the final output and the merge
+is skipped.
 Splits are chosen on the host from the static shape (B * HKV and the table width S) so that the
 grid fills the GPU at batch 1; on the device each row spreads its own num_selected[b] slots evenly
 over the splits, so ragged rows cost what they select.
@@ -19,21 +24,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_qkv, check_shape, interpreting
+from ._common import (INDEX_DTYPES, check_device, check_dtype, check_last_contiguous, check_pages, check_pool,
+                      check_qkv, check_shape, interpreting)
 
 
 @triton.jit
-def _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs_d,
-                 stride_kn, stride_vn, stride_ts, qk_scale, m_i, l_i, acc,
-                 BS: tl.constexpr, UPCAST: tl.constexpr):
+def _attend_tile(q, k_head, v_head, t_row, pg_row, s0, s_hi, length, offs_s, offs_t, tok_in, offs_d,
+                 stride_kp, stride_kn, stride_vp, stride_vn, stride_ts, stride_gj, qk_scale, m_i, l_i, acc,
+                 BS: tl.constexpr, BPI: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over the tokens of slots [s0, s0 + BPI) (slots >= s_hi masked)."""
-    slot = s0 + slot_in
+    slot = s0 + offs_s
     blk = tl.load(t_row + slot.to(tl.int64) * stride_ts, mask=slot < s_hi, other=-1)
-    tok = blk * BS + tok_in
-    valid = (blk >= 0) & (tok < length)
-    tok64 = tok.to(tl.int64)
-    kt = tl.load(k_row + tok64[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-    vt = tl.load(v_row + tok64[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
+    # Only blocks holding a token < length are mapped: page entries past the row's blocks stay unread.
+    live = (blk >= 0) & (blk * BS < length)
+    phys = tl.load(pg_row + blk.to(tl.int64) * stride_gj, mask=live, other=0).to(tl.int64)
+    tok = blk[:, None] * BS + offs_t[None, :]
+    valid = tl.reshape(live[:, None] & (tok < length), [BPI * BS])
+    # Spread the BPI ids over their tokens; the strides are applied after the reshape so that the
+    # compiler still sees 16-element aligned rows (vector loads, pipelined copies).
+    phys = tl.reshape(tl.broadcast_to(phys[:, None], [BPI, BS]), [BPI * BS])
+    k_off = phys * stride_kp + tok_in * stride_kn
+    v_off = phys * stride_vp + tok_in * stride_vn
+    kt = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    vt = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
     # Written out rather than through `_online_softmax` (which the chunk kernel uses): with the
     # shared helpers this kernel measured 52 us instead of 47 us at 128K, batch 4 on an H100.
     if UPCAST:
@@ -58,10 +71,11 @@ def _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs
 
 @triton.jit
 def sparse_decode_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, table_ptr, nsel_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pages_ptr, lens_ptr, table_ptr, nsel_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
+    stride_kp, stride_kh, stride_kn,
+    stride_vp, stride_vh, stride_vn,
+    stride_gb, stride_gj,
     stride_tb, stride_th, stride_ts,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
@@ -71,10 +85,13 @@ def sparse_decode_kernel(
 ):
     """Attention of the G queries of (row b, KV head hk) over one split of its block-table slots.
 
-    q: [B, H, D]; k, v: [B, HKV, Nmax, D]; table: [B, HKV, S] (-1 = unused, skipped anywhere);
-    nsel: [B] slots in use per row when HAS_NSEL (else all S). Reads only tokens < lengths[b] of
-    selected blocks. SINGLE: o is the final [B, H, D] output. Otherwise o: [B, H, splits, D] fp32
-    partials normalised by their own sum, lse: [B, H, splits] fp32 log2-sum-exp2 (-inf if empty).
+    q: [B, H, D]; k, v: pool layers [num_blocks, HKV, BS, D]; pages: [B, max_blocks] physical block
+    of each logical block; table: [B, HKV, S] logical block ids (-1 = unused, skipped anywhere);
+    nsel: [B] slots in use per row when HAS_NSEL (else all S). Token t of logical block blk is row t
+    of physical block pages[b, blk]; reads only tokens < lengths[b] of selected blocks, and only
+    the page entries of selected blocks that hold such a token. SINGLE: o is the final [B, H, D]
+    output. Otherwise o: [B, H, splits, D] fp32 partials normalised by their own sum, lse:
+    [B, H, splits] fp32 log2-sum-exp2 (-inf if empty).
     qk_scale is softmax scale * log2(e).
     """
     row = tl.program_id(0)
@@ -94,15 +111,16 @@ def sparse_decode_kernel(
 
     offs_g = tl.arange(0, G_P)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BPI * BS)
-    slot_in = offs_n // BS
-    tok_in = offs_n % BS
+    offs_s = tl.arange(0, BPI)
+    offs_t = tl.arange(0, BS)
+    tok_in = tl.arange(0, BPI * BS) % BS
     heads = hk * G + offs_g
     gmask = offs_g < G
     q = tl.load(q_ptr + b64 * stride_qb + heads.to(tl.int64)[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None], other=0.0)
-    k_row = k_ptr + b64 * stride_kb + hk64 * stride_kh
-    v_row = v_ptr + b64 * stride_vb + hk64 * stride_vh
+    k_head = k_ptr + hk64 * stride_kh
+    v_head = v_ptr + hk64 * stride_vh
+    pg_row = pages_ptr + b64 * stride_gb
     t_row = table_ptr + b64 * stride_tb + hk64 * stride_th
     if UPCAST:
         q = q.to(tl.float32)
@@ -115,13 +133,15 @@ def sparse_decode_kernel(
         # its 1-element arrays); the compiled path keeps the for-loop, which gets software-pipelined.
         s0 = s_lo
         while s0 < s_hi:
-            m_i, l_i, acc = _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs_d,
-                                         stride_kn, stride_vn, stride_ts, qk_scale, m_i, l_i, acc, BS, UPCAST)
+            m_i, l_i, acc = _attend_tile(q, k_head, v_head, t_row, pg_row, s0, s_hi, length,
+                                         offs_s, offs_t, tok_in, offs_d, stride_kp, stride_kn, stride_vp, stride_vn,
+                                         stride_ts, stride_gj, qk_scale, m_i, l_i, acc, BS, BPI, UPCAST)
             s0 += BPI
     else:
         for s0 in range(s_lo, s_hi, BPI):
-            m_i, l_i, acc = _attend_tile(q, k_row, v_row, t_row, s0, s_hi, length, slot_in, tok_in, offs_d,
-                                         stride_kn, stride_vn, stride_ts, qk_scale, m_i, l_i, acc, BS, UPCAST)
+            m_i, l_i, acc = _attend_tile(q, k_head, v_head, t_row, pg_row, s0, s_hi, length,
+                                         offs_s, offs_t, tok_in, offs_d, stride_kp, stride_kn, stride_vp, stride_vn,
+                                         stride_ts, stride_gj, qk_scale, m_i, l_i, acc, BS, BPI, UPCAST)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -195,9 +215,9 @@ def sparse_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    pages: torch.Tensor,
     lengths: torch.Tensor,
     block_table: torch.Tensor,
-    block_size: int,
     scale: float | None = None,
     *,
     num_selected: torch.Tensor | None = None,
@@ -205,27 +225,32 @@ def sparse_decode(
     config: DecodeConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode query per row attending only to the tokens of its selected blocks; same
-    contract as `resa.ref.sparse_decode_ref`.
+    """One decode query per row attending only to the tokens of its selected blocks of a paged
+    cache; same contract as `resa.ref.sparse_decode_ref` on the cache that `pages` describes.
 
-    q: [B, H, D] fp16/bf16 (fp32 accepted); k, v: [B, HKV, Nmax, D] in q's dtype, any strides with a
-    contiguous last dimension (e.g. one layer of a [L, B, HKV, Nmax, D] cache); lengths: [B]
-    int32/int64 (the current token included); block_table: [B, HKV, S] int32/int64, -1 = unused;
-    num_selected: optional [B] slots in use per row (a prefix of the table), used to balance splits.
-    G = H / HKV in 1..16 (any value), D in 64, 128, 256. Tokens >= lengths[b] inside selected blocks
-    are masked; nothing else is read. Returns [B, H, D] in q's dtype (written into `out` if given);
-    a row with no valid token gets zeros.
+    q: [B, H, D] fp16/bf16 (fp32 accepted); k, v: one layer of the K/V pool, [num_blocks, HKV, BS, D]
+    in q's dtype, any strides with a contiguous last dimension (e.g. `pool_k[layer]` of a
+    [L, num_blocks, HKV, BS, D] pool); the block size BS = k.shape[2] is a power of two in 1..128.
+    pages: [B, max_blocks] int32/int64, logical block j of row b (tokens j*BS .. j*BS + BS-1) is
+    physical block pages[b, j]; only entries j < ceil(lengths[b] / BS) are read. lengths: [B]
+    int32/int64 (the current token included); block_table: [B, HKV, S] int32/int64 logical block
+    ids, -1 = unused; num_selected: optional [B] slots in use per row (a prefix of the table), used
+    to balance splits. G = H / HKV in 1..16 (any value), D in 64, 128, 256. Tokens >= lengths[b]
+    inside selected blocks are masked; no other block of the pool is read. Returns [B, H, D] in q's
+    dtype (written into `out` if given); a row with no valid token gets zeros.
     """
     name = "sparse_decode"
-    device = check_device(name, q, k, v, lengths, block_table)
-    if q.dim() != 3 or k.dim() != 4 or block_table.dim() != 3:
-        raise ValueError(f"{name}: q must be [B, H, D], k/v [B, HKV, Nmax, D], block_table [B, HKV, S]; "
-                         f"got {list(q.shape)}, {list(k.shape)}, {list(block_table.shape)}")
+    device = check_device(name, q, k, v, pages, lengths, block_table)
+    if q.dim() != 3 or block_table.dim() != 3:
+        raise ValueError(f"{name}: q must be [B, H, D] and block_table [B, HKV, S]; "
+                         f"got {list(q.shape)}, {list(block_table.shape)}")
     B, H, D = q.shape
-    HKV, nmax = k.shape[1], k.shape[2]
+    num_blocks, HKV, block_size, _ = check_pool(name, "k", k)
+    check_pool(name, "v", v, HKV)
     S = block_table.shape[2]
-    check_shape(name, "k", k, (B, HKV, nmax, D))
-    check_shape(name, "v", v, (B, HKV, nmax, D))
+    check_shape(name, "k", k, (num_blocks, HKV, block_size, D))
+    check_shape(name, "v", v, (num_blocks, HKV, block_size, D))
+    check_pages(name, pages, B)
     check_shape(name, "lengths", lengths, (B,))
     check_shape(name, "block_table", block_table, (B, HKV, S))
     check_qkv(name, q, k, v)
@@ -239,7 +264,7 @@ def sparse_decode(
     if G > 16:
         raise ValueError(f"{name}: group size {G} > 16 unsupported")
     if block_size < 1 or block_size > 128 or block_size & (block_size - 1):
-        raise ValueError(f"{name}: block_size must be a power of two in 1..128, got {block_size}")
+        raise ValueError(f"{name}: block size (k.shape[2]) must be a power of two in 1..128, got {block_size}")
     if out is None:
         out = torch.empty(B, H, D, dtype=q.dtype, device=device)
     else:
@@ -271,10 +296,11 @@ def sparse_decode(
         sl = (lse.stride(0), lse.stride(1))
     nsel = num_selected if num_selected is not None else lengths
     sparse_decode_kernel[(B * HKV, num_splits)](
-        q, k, v, lengths, block_table, nsel, o_part, lse,
+        q, k, v, pages, lengths, block_table, nsel, o_part, lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        pages.stride(0), pages.stride(1),
         block_table.stride(0), block_table.stride(1), block_table.stride(2),
         *so, *sl,
         HKV, S, num_splits, scale * 1.4426950408889634,
