@@ -10,7 +10,7 @@ lengths) belongs to `resa.runner.Runner`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -95,6 +95,15 @@ class PlanBuffers:
     block_table: torch.Tensor
     num_selected: torch.Tensor
     workspace: object | None
+
+
+class RowView(NamedTuple):
+    """One row of a cache in logical order (copies): see `KVCache.row`."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    kmin: torch.Tensor
+    kmax: torch.Tensor
 
 
 class KVCache:
@@ -264,6 +273,22 @@ class KVCache:
             self.release()
         except Exception:  # interpreter shutdown: the pool may already be gone
             pass
+
+    def row(self, b: int, n: int | None = None) -> "RowView":
+        """Copies of row b's first n tokens (default: all its blocks hold) in logical order, for
+        inspection: k, v [L, HKV, n, D] and kmin, kmax [L, HKV, ceil(n / BS), D]."""
+        held = self.blocks[b]
+        n = len(held) * self.block_size if n is None else n
+        nb = self.blocks_for(n)
+        if nb > len(held):
+            raise ValueError(f"row {b} holds {len(held)} blocks, fewer than {n} tokens need")
+        ids = torch.tensor(held[:nb], dtype=torch.int64, device=self.device)
+        L, HKV, D = self.num_layers, self.num_kv_heads, self.pool.head_dim
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            return t[:, ids].permute(0, 2, 1, 3, 4).reshape(L, HKV, nb * self.block_size, D)[:, :, :n]
+
+        return RowView(tokens(self.k), tokens(self.v), self.kmin[:, ids].transpose(1, 2), self.kmax[:, ids].transpose(1, 2))
 
     # ---- selection buffers ----
 

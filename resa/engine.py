@@ -112,7 +112,13 @@ class Engine:
             cfg = self.model.cfg
             per_block = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, block_size, cfg.head_dim,
                                                torch.empty((), dtype=self.dtype).element_size())
-            limit = max(1, self._pool_bytes() // per_block)
+            allowed = self.kv_memory_allowed()
+            limit = allowed // per_block
+            if limit < 1:
+                raise CacheTooLargeError(
+                    f"the KV pool may use {allowed / 2**20:.1f} MiB, less than one block of {block_size} tokens in "
+                    f"every layer ({per_block / 2**20:.2f} MiB); allow it more memory (gpu_memory_utilization / "
+                    "kv_cache_gib) or free GPU memory")
             if blocks_hint > limit:
                 raise CacheTooLargeError(
                     f"the KV cache needs {blocks_hint * per_block / 2**30:.1f} GiB but the pool may use "
@@ -124,8 +130,8 @@ class Engine:
             self._pools[block_size] = pool
         return pool
 
-    def _pool_bytes(self) -> int:
-        """The memory a new pool may take."""
+    def kv_memory_allowed(self) -> int:
+        """Bytes a new KV pool may take (see the class docstring)."""
         if self.kv_cache_gib is not None:
             return int(self.kv_cache_gib * 2**30)
         if self.device.type == "cuda":

@@ -227,10 +227,10 @@ class Runner:
         self.lengths = [s.lengths[0] for s in sources]
         c.lengths.copy_(torch.tensor(self.lengths, device=self.device))
 
-    def fill_synthetic(self, length: int, seed: int = 0) -> None:
-        """Make every row a context of `length` random (standard normal) keys and values with
-        exact block summaries, without running the model: for decode benchmarks, whose speed
-        depends on the cache's size and not on its contents."""
+    def fill_synthetic(self, length: int, seed: int = 0, *, zeros: bool = False) -> None:
+        """Make every row a context of `length` random (standard normal; or all-zero, much faster
+        to write) keys and values with exact block summaries, without running the model: for
+        decode benchmarks, whose speed depends on the cache's size and not on its contents."""
         self.reset()
         self._reserve([0] * self.batch, [length] * self.batch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -244,7 +244,10 @@ class Runner:
             for held in c.blocks:
                 ids = torch.tensor(held, device=self.device)
                 for t in (pool.k, pool.v):
-                    t[layer].index_copy_(0, ids, torch.randn(shape, generator=gen, device=self.device, dtype=t.dtype))
+                    if zeros:
+                        t[layer].index_fill_(0, ids, 0.0)
+                    else:
+                        t[layer].index_copy_(0, ids, torch.randn(shape, generator=gen, device=self.device, dtype=t.dtype))
             attn.refresh_layer_summaries(c, layer, zero, end, backend)
         c.lengths.copy_(end)
         self.lengths = [length] * self.batch

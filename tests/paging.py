@@ -30,12 +30,11 @@ def to_pool(x: torch.Tensor, table: torch.Tensor, num_physical: int, block_size:
     """Contiguous x [B, HKV, N, D] -> pool [num_physical, HKV, BS, D]: token n of row b lands in
     block table[b, n // BS] at offset n % BS. Blocks no row uses (and slots past N) are NaN."""
     B, HKV, N, D = x.shape
+    nb = -(-N // block_size)
     pool = torch.full((num_physical, HKV, block_size, D), float("nan"), dtype=x.dtype, device=x.device)
-    table = table.to(x.device).long()
-    for b in range(B):
-        for n0 in range(0, N, block_size):
-            n1 = min(n0 + block_size, N)
-            pool[table[b, n0 // block_size], :, :n1 - n0] = x[b, :, n0:n1]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - N), value=float("nan"))
+    blocks = padded.view(B, HKV, nb, block_size, D).transpose(1, 2).reshape(B * nb, HKV, block_size, D)
+    pool[table[:, :nb].to(x.device).long().reshape(-1)] = blocks
     return pool
 
 
@@ -44,9 +43,7 @@ def summaries_to_pool(s: torch.Tensor, table: torch.Tensor, num_physical: int) -
     (logical block j of row b in physical block table[b, j]); unused blocks are NaN."""
     B, HKV, NB, D = s.shape
     pool = torch.full((num_physical, HKV, D), float("nan"), dtype=s.dtype, device=s.device)
-    table = table.to(s.device).long()
-    for b in range(B):
-        pool[table[b, :NB]] = s[b].transpose(0, 1)
+    pool[table[:, :NB].to(s.device).long().reshape(-1)] = s.transpose(1, 2).reshape(B * NB, HKV, D)
     return pool
 
 

@@ -62,14 +62,15 @@ def test_sparse_path_with_full_budget_gives_dense_tokens_and_kv(engine):
     for _ in range(12):
         tok = logits.argmax(-1)
         logits = sparse_run.step(tok, full, observe=lambda layer, q: selected.append(
-            sparse_run.cache.plan_buffers(sparse_run.cache.num_blocks, False).num_selected.clone()))
+            sparse_run.cache.plan_buffers(sparse_run.cache.max_blocks, False).num_selected.clone()))
         ref = dense_run.step(tok, None)
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     assert selected, "the observer saw no layer"
     n = sparse_run.lengths
     for b in range(2):
-        torch.testing.assert_close(sparse_run.cache.k[:, b, :, :n[b]], dense_run.cache.k[:, b, :, :n[b]])
-        torch.testing.assert_close(sparse_run.cache.v[:, b, :, :n[b]], dense_run.cache.v[:, b, :, :n[b]])
+        got, want = sparse_run.cache.row(b, n[b]), dense_run.cache.row(b, n[b])
+        torch.testing.assert_close(got.k, want.k)
+        torch.testing.assert_close(got.v, want.v)
 
 
 def test_full_budget_steps_run_dense(engine, dense):
@@ -90,7 +91,8 @@ def _dense_kv(engine, prompt, generated):
     """K/V of the sequence recomputed densely from scratch: [L, HKV, N, D] each."""
     runner = engine.open(1, len(prompt) + len(generated), 4)
     runner.extend([prompt + generated], 64)
-    return runner.cache.k[:, 0], runner.cache.v[:, 0]
+    row = runner.cache.row(0, runner.lengths[0])
+    return row.k, row.v
 
 
 def test_paper_f1_leaves_kv_dense(engine):
@@ -99,8 +101,9 @@ def test_paper_f1_leaves_kv_dense(engine):
         fed = out.token_ids[b][: NEW - 1]  # the last sampled token is never fed
         k, v = _dense_kv(engine, prompt, fed)
         n = len(prompt) + len(fed) - 1  # the newest fed token waits for the next rectification
-        torch.testing.assert_close(out.cache.k[:, b, :, :n], k[:, :, :n], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out.cache.v[:, b, :, :n], v[:, :, :n], rtol=1e-4, atol=1e-4)
+        row = out.cache.row(b, n)
+        torch.testing.assert_close(row.k, k[:, :, :n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(row.v, v[:, :, :n], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["paper", "fused"])
@@ -113,11 +116,10 @@ def test_rectified_windows_equal_dense_recomputation(engine, variant):
         k, v = _dense_kv(engine, prompt, fed)
         last_window_end = len(prompt) + ((NEW - 2) // f) * f if variant == "paper" else \
             len(prompt) + ((NEW - 1) // f) * f
-        torch.testing.assert_close(out.cache.k[:, b, :, :last_window_end], k[:, :, :last_window_end],
-                                   rtol=1e-4, atol=1e-4)
+        row = out.cache.row(b, len(prompt) + len(fed))
+        torch.testing.assert_close(row.k[:, :, :last_window_end], k[:, :, :last_window_end], rtol=1e-4, atol=1e-4)
         # tokens fed sparsely after the last window differ from dense: the cache is really sparse-made
-        assert not torch.allclose(out.cache.k[:, b, :, last_window_end + 1:len(prompt) + len(fed)],
-                                  k[:, :, last_window_end + 1:], atol=1e-4)
+        assert not torch.allclose(row.k[:, :, last_window_end + 1:], k[:, :, last_window_end + 1:], atol=1e-4)
 
 
 @pytest.mark.parametrize("mode,variant", [("sparse", "paper"), ("resa", "paper"), ("resa", "fused")])
@@ -135,14 +137,16 @@ def test_resa_is_closer_to_dense_than_sparse(engine, dense):
     assert agreement(_gen(engine, mode="resa", rectify_every=4)) >= agreement(_gen(engine, mode="sparse"))
 
 
-def test_outputs_finite_with_poisoned_cache(engine):
+def test_outputs_finite_with_poisoned_cache():
+    engine = tiny_engine()  # a fresh pool: every block starts NaN
     prompts = random_prompts([1, 17, 64])
     out = engine.generate_ids(prompts, resa=ResaConfig(**SMALL), max_new_tokens=20, eos_token_ids=[],
                               keep_cache=True)
     for b, p in enumerate(prompts):
         n = len(p) + 19
-        assert torch.isfinite(out.cache.k[:, b, :, :n]).all()
-        assert torch.isnan(out.cache.k[:, b, :, n:]).all()
+        row = out.cache.row(b)  # every block the row holds
+        assert torch.isfinite(row.k[:, :, :n]).all()
+        assert torch.isnan(row.k[:, :, n:]).all()
 
 
 def test_prompt_longer_than_context_is_a_clear_error():
@@ -246,9 +250,9 @@ class _WindowSpy(Runner):
 
     def window(self, tokens, overwrite):
         lo = [n - overwrite for n in self.lengths]
-        before = [self.cache.k[:, b, :, lo[b]:lo[b] + overwrite].clone() for b in range(self.batch)]
+        before = [self.cache.row(b, lo[b] + overwrite).k[:, :, lo[b]:] for b in range(self.batch)]
         logits = super().window(tokens, overwrite)
-        after = [self.cache.k[:, b, :, lo[b]:lo[b] + overwrite].clone() for b in range(self.batch)]
+        after = [self.cache.row(b, lo[b] + overwrite).k[:, :, lo[b]:] for b in range(self.batch)]
         if overwrite:
             self.rewrites.append((lo, before, after))
         return logits
@@ -260,7 +264,7 @@ def test_each_rectification_turns_sparse_made_kv_into_dense_kv(engine, variant):
     each window's K/V goes from sparse-made (different from a dense recomputation) to dense."""
     f = 8
     cfg = ResaConfig(mode="resa", rectify_variant=variant, rectify_every=f, **SMALL)
-    spy = _WindowSpy(engine.model, KVCache(2, 2, 2, 400, 16, 4))
+    spy = _WindowSpy(engine.model, KVCache.create(2, 2, 2, 400, 16, 4))
     logits = spy.extend(PROMPTS, 64)
     out = engine.decode(spy, logits, resa=cfg, max_new_tokens=NEW, eos_token_ids=[])
     ts = [t for t, _, _ in out.stats.rectified_at]

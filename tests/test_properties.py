@@ -34,6 +34,7 @@ from resa.errors import UsageError  # noqa: E402
 from resa.kernels import select_blocks, sparse_decode  # noqa: E402
 from resa.ref import block_budget, block_scores_ref, block_summaries_ref, select_blocks_ref, sparse_decode_ref  # noqa: E402
 from resa.sampling import SEED_MAX, SamplingConfig, make_generator, sample  # noqa: E402
+from tests.paging import page_table, summaries_to_pool, to_pool  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,8 +120,11 @@ def test_select_blocks_matches_reference(shape, ratio, min_blocks, local, method
     slots = block_budget(kmin.shape[2], ratio, min_blocks) + 1
     kw = dict(block_size=bs, active_ratio=ratio, min_blocks=min_blocks, local_blocks=local, num_slots=slots,
               group_pool=pool)
-    table, nsel = select_blocks(q.to(DEVICE), kmin.to(DEVICE), kmax.to(DEVICE), lens.to(DEVICE), method=method,
-                                topn=topn, **kw)
+    # The kernel reads a paged copy (blocks shuffled through a table); the reference the contiguous one.
+    pages, nphys = page_table([max(n, 1) for n in lengths], bs, kmin.shape[2], seed=shape["seed"])
+    pmin, pmax = summaries_to_pool(kmin, pages, nphys), summaries_to_pool(kmax, pages, nphys)
+    table, nsel = select_blocks(q.to(DEVICE), pmin.to(DEVICE), pmax.to(DEVICE), pages.to(DEVICE), lens.to(DEVICE),
+                                method=method, topn=topn, **kw)
     ref_table, ref_nsel = select_blocks_ref(q, kmin, kmax, lens, **kw)
     check_selection(table, nsel, ref_table, ref_nsel, block_scores_ref(q, kmin, kmax, pool), lengths, bs,
                     ratio, min_blocks, local)
@@ -162,7 +166,9 @@ def test_sparse_decode_matches_reference(shape, ratio, min_blocks, splits, shuff
         table = torch.cat([table, torch.full_like(table[..., :1], -1)], dim=-1)
         order = torch.randperm(table.shape[-1], generator=gen)
         table, nsel = table[..., order].contiguous(), None
-    got = sparse_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lens.to(DEVICE), table.to(DEVICE), bs,
+    pages, nphys = page_table(lengths, bs, seed=shape["seed"])
+    got = sparse_decode(q.to(DEVICE), to_pool(k, pages, nphys, bs).to(DEVICE), to_pool(v, pages, nphys, bs).to(DEVICE),
+                        pages.to(DEVICE), lens.to(DEVICE), table.to(DEVICE),
                         num_selected=None if nsel is None else nsel.to(DEVICE), num_splits=splits)
     ref = sparse_decode_ref(q, k, v, lens, table, bs)
     baseline = None if dtype == torch.float32 else lowp_sparse_attention(q, k, v, lengths, table, bs)

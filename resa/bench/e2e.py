@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import KVCache
+from ..pool import KVPool
 from ..config import GROUP_POOLS, ResaConfig
 from ..cost import sparse_step_reads
 from ..engine import Engine
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="block score of a KV group (ResaConfig.group_pool)")
     parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
                         help="contexts at which to time transformers generate (batch 1)")
-    parser.add_argument("--reserve-gib", type=float, default=6.0, help="memory kept free for activations")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.95,
+                        help="share of the GPU's memory the engine (weights, KV pool, activations) may use")
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="time the decode step with plain and/or torch.compile'd layer halves")
     parser.add_argument("--no-largest-batch", dest="largest_batch", action="store_false",
@@ -101,13 +102,14 @@ def _breakdown(engine: Engine, runner, n: int, resa: ResaConfig) -> dict:
     B = cache.batch
     q = torch.randn(B, cfg.num_heads, cfg.head_dim, device=engine.device, dtype=engine.dtype)
     lengths = cache.lengths
-    buffers = cache.plan_buffers(attn.num_slots(cache.num_blocks, resa), True)
-    plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton", buffers)
+    buffers = cache.plan_buffers(attn.num_slots(cache.max_blocks, resa), True)
+    pages = cache.pages
+    plan = attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], pages, lengths, resa, "triton", buffers)
     # Graph replays, as in the decode step (eager timing would mostly measure Python launch cost).
-    sel = _bench_graph(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], lengths, resa, "triton", buffers),
-                       100) / 1e3
-    att = _bench_graph(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], lengths, plan,
-                                                            resa.block_size, "triton"), 100) / 1e3
+    sel = _bench_graph(lambda: attn.plan_sparse(q, cache.kmin[0], cache.kmax[0], pages, lengths, resa, "triton",
+                                                buffers), 100) / 1e3
+    att = _bench_graph(lambda: attn.sparse_decode_attention(q, cache.k[0], cache.v[0], pages, lengths, plan,
+                                                            "triton"), 100) / 1e3
     f = resa.rectify_every
     window = torch.randint(0, cfg.vocab_size, (B, f), device=engine.device)
 
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     resa = ResaConfig(active_ratio=args.active_ratio, rectify_every=args.rectify_every, group_pool=args.group_pool)
     copy_bw = copy_bandwidth(device, 200)
     model = random_model(args.shape, device=device)
-    engine = Engine(model)
+    engine = Engine(model, gpu_memory_utilization=args.gpu_memory_utilization)
     cfg = model.cfg
     model.compile_decode()
     compiled_fns = model.compiled_fns
@@ -177,9 +179,9 @@ def run(args: argparse.Namespace) -> dict:
     free_total = torch.cuda.mem_get_info(device)[1]
     for n in args.contexts:
         capacity = n + (args.windows + 2) * args.rectify_every + 8
-        row_bytes = KVCache.bytes_needed(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim,
-                                         resa.block_size, 2)
-        free = torch.cuda.mem_get_info(device)[0] - args.reserve_gib * 2**30
+        row_bytes = KVPool.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, resa.block_size, cfg.head_dim, 2) \
+            * -(-capacity // resa.block_size)
+        free = engine.kv_memory_allowed()  # what the engine's KV pool may take
         largest = int(free // row_bytes)
         batches = [b for b in args.batches if b <= largest]
         for b in args.batches:
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
             del runner
             gc.collect()
-            torch.cuda.empty_cache()
+            engine.release_buffers()  # the pool, now idle, goes too: the next shape allocates its own
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()

@@ -95,6 +95,12 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
     v = torch.randn(batch, HKV, n_ctx, D, device=device, dtype=dtype, generator=gen)
     kb = F.pad(k, (0, 0, 0, nb * bs - n_ctx)).view(batch, HKV, nb, bs, D) if nb * bs != n_ctx else k.view(batch, HKV, nb, bs, D)
     kmin, kmax = kb.amin(dim=3).contiguous(), kb.amax(dim=3).contiguous()
+    # The kernels read the paged layout (row b's logical block j in physical block b * nb + j);
+    # SDPA, the dense baseline, reads the contiguous copy.
+    pages = torch.arange(batch * nb, dtype=torch.int32, device=device).view(batch, nb)
+    kp, vp = (F.pad(t, (0, 0, 0, nb * bs - n_ctx)).view(batch, HKV, nb, bs, D).transpose(1, 2)
+              .reshape(batch * nb, HKV, bs, D) for t in (k, v))
+    pmin, pmax = (t.transpose(1, 2).reshape(batch * nb, HKV, D) for t in (kmin, kmax))
     q = torch.randn(batch, H, D, device=device, dtype=dtype, generator=gen)
     lengths = torch.full((batch,), n_ctx, dtype=torch.int64, device=device)
     slots = block_budget(nb, args.active_ratio, args.min_blocks)
@@ -119,27 +125,27 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
     sdpa = record("sdpa_dense_decode", "graph", _bench_graph(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), g), kv_bytes)
 
     sum_bytes = 2 * batch * HKV * nb * D * esz + 2 * 4 * batch * HKV * nb + 4 * batch * HKV * slots
-    fn = lambda: select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))  # noqa: E731
+    fn = lambda: select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, workspace=ws, out=(table, nsel))  # noqa: E731
     record("selection", "default", _bench_graph(fn, g), sum_bytes)
-    fn = lambda: select_blocks(q, kmin, kmax, lengths, **sel_kw, group_pool="max", workspace=ws, out=(table, nsel))  # noqa: E731
+    fn = lambda: select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, group_pool="max", workspace=ws, out=(table, nsel))  # noqa: E731
     record("selection", "group_pool-max", _bench_graph(fn, g), sum_bytes)
     if args.sweep and n_ctx >= args.sweep_from:
         from resa.kernels.selection import SCORE_CONFIGS
 
         for sc in SCORE_CONFIGS:
-            fn = lambda c=sc: select_blocks(q, kmin, kmax, lengths, **sel_kw, method="scores", workspace=ws, out=(table, nsel), score_config=c)  # noqa: E731
+            fn = lambda c=sc: select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, method="scores", workspace=ws, out=(table, nsel), score_config=c)  # noqa: E731
             record("scoring", f"bpt{sc.blocks_per_tile}-t{sc.max_tiles}-w{sc.num_warps}", _bench_graph(fn, g), sum_bytes)
     for method, topn in (("fused", "interp"), ("fused", "bisect"), ("two_pass", "interp"), ("two_pass", "bisect"), ("torch", "interp"), ("scores", "interp")):
-        fn = lambda m=method, t=topn: select_blocks(q, kmin, kmax, lengths, **sel_kw, method=m, topn=t, workspace=ws, out=(table, nsel))  # noqa: E731
+        fn = lambda m=method, t=topn: select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, method=m, topn=t, workspace=ws, out=(table, nsel))  # noqa: E731
         record("selection", method if method not in ("fused", "two_pass") else f"{method}-{topn}", _bench_graph(fn, g), sum_bytes)
-    select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))
+    select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, workspace=ws, out=(table, nsel))
     sel_tokens = int((table >= 0).sum()) * bs  # one host read, outside every timed region
     attn_bytes = 2 * sel_tokens * D * esz + 2 * batch * H * D * esz
     sweep = args.sweep and n_ctx >= args.sweep_from
     configs = DECODE_CONFIGS if sweep else (DecodeConfig(),)
     best = None
     for cfg in configs:
-        fn = lambda c=cfg: sparse_decode(q, k, v, lengths, table, bs, num_selected=nsel, config=c, out=out)  # noqa: E731
+        fn = lambda c=cfg: sparse_decode(q, kp, vp, pages, lengths, table, num_selected=nsel, config=c, out=out)  # noqa: E731
         rec = record("sparse_attention", f"bpi{cfg.blocks_per_iter}-w{cfg.num_warps}-s{cfg.num_stages}",
                      _bench_graph(fn, g), attn_bytes)
         if cfg == DecodeConfig():
@@ -153,15 +159,15 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
         default_splits = choose_splits(batch, HKV, slots, DecodeConfig().blocks_per_iter, sms)
         for mult in (0.5, 2.0):
             ns = max(1, int(default_splits * mult))
-            fn = lambda n=ns: sparse_decode(q, k, v, lengths, table, bs, num_selected=nsel, num_splits=n, out=out)  # noqa: E731
+            fn = lambda n=ns: sparse_decode(q, kp, vp, pages, lengths, table, num_selected=nsel, num_splits=n, out=out)  # noqa: E731
             rec = record("sparse_attention", f"splits-x{mult:g}", _bench_graph(fn, g), attn_bytes)
             if rec["time_us"] < best["time_us"]:
                 best = rec
         rows.append(dict(best, variant="best:" + best["variant"]))
 
     def step():
-        select_blocks(q, kmin, kmax, lengths, **sel_kw, workspace=ws, out=(table, nsel))
-        sparse_decode(q, k, v, lengths, table, bs, num_selected=nsel, out=out)
+        select_blocks(q, pmin, pmax, pages, lengths, **sel_kw, workspace=ws, out=(table, nsel))
+        sparse_decode(q, kp, vp, pages, lengths, table, num_selected=nsel, out=out)
 
     graph = record("selection+attention", "graph", _bench_graph(step, g), sum_bytes + attn_bytes)
     both = record("selection+attention", "eager", _bench(step, args.rep_ms), sum_bytes + attn_bytes)
@@ -195,11 +201,11 @@ def bench_shape(model: str, n_ctx: int, batch: int, args, device, dtype, copy_bw
         outf = torch.empty_like(qf)
         flops = 4 * batch * H * f * n_ctx * D
         for cc in CHUNK_CONFIGS if sweep else (ChunkConfig(),):
-            fn = lambda c=cc: chunk_attention(qf, k, v, start, width, config=c, out=outf)  # noqa: E731
+            fn = lambda c=cc: chunk_attention(qf, kp, vp, pages, start, width, config=c, out=outf)  # noqa: E731
             rec = record("rectify_dense_chunk", f"chunk_attention-m{cc.block_m}-n{cc.block_n}-w{cc.num_warps}"
                          f"-s{cc.num_stages}" + ("-default" if cc == ChunkConfig() else ""), _bench_graph(fn, g), rect_bytes)
             rec["tflops"] = round(flops / rec["time_us"] / 1e6, 1)
-    del k, v, kb, kmin, kmax
+    del k, v, kb, kmin, kmax, kp, vp, pmin, pmax
     return rows
 
 

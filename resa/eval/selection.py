@@ -157,8 +157,9 @@ def analyse_sample(engine, sample: ruler.Sample, s: SelectionSettings) -> dict:
         queries: list[torch.Tensor] = []
         logits = runner.step(torch.tensor([token]), None, observe=lambda layer, q: queries.append(q))
         n_keys = runner.lengths[0]
-        steps.append([layer_recall(q[0, :, 0], cache.k[i, 0], cache.kmin[i, 0], cache.kmax[i, 0], n_keys,
-                                   needle, s) for i, q in enumerate(queries)])
+        row = cache.row(0, n_keys)
+        steps.append([layer_recall(q[0, :, 0], row.k[i], row.kmin[i], row.kmax[i], n_keys, needle, s)
+                      for i, q in enumerate(queries)])
     return {"task": sample.task, "index": sample.index, "prompt_tokens": len(sample.ids),
             "needle_tokens": len(needle), "answer": engine.tokenizer.decode(answer), "steps": steps}
 

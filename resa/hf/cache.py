@@ -120,10 +120,15 @@ class ResaCache:
         return max(self.lengths)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v, kmin, kmax) pools of one layer: [num_blocks, HKV, BS, D] twice, [num_blocks, HKV, D]
-        twice (read a row's blocks through `self.kv.pages`)."""
+        """Copies of one layer's (k, v, kmin, kmax) in logical order, for inspection:
+        [B, HKV, N, D] twice and [B, HKV, N / BS, D] twice, N covering the longest row's blocks
+        (positions past a row's length are meaningless)."""
+        from ..ref.paging import gather_blocks, gather_summaries
+
         kv = self.kv
-        return kv.k[layer_idx], kv.v[layer_idx], kv.kmin[layer_idx], kv.kmax[layer_idx]
+        nb = max(len(b) for b in kv.blocks)
+        return (gather_blocks(kv.k[layer_idx], kv.pages, nb), gather_blocks(kv.v[layer_idx], kv.pages, nb),
+                gather_summaries(kv.kmin[layer_idx], kv.pages, nb), gather_summaries(kv.kmax[layer_idx], kv.pages, nb))
 
     @property
     def current(self) -> ResaPass:
