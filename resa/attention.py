@@ -23,7 +23,7 @@ from .cache import KVCache, Span
 from .config import ResaConfig
 from .ref.attention import dense_attention_ref
 from .ref.paging import (gather_blocks, gather_summaries, refresh_summaries_paged_ref, sparse_decode_paged_ref,
-                         update_summaries_paged_ref, write_tokens)
+                         token_slots, update_summaries_paged_ref, write_slots)
 from .ref.selection import block_budget, select_blocks_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -74,21 +74,24 @@ def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tenso
     """
     k_l, v_l, pages = cache.k[layer], cache.v[layer], cache.pages
     B, _, T, _ = k_new.shape
-    dev = k_new.device
+    dev, bs = k_new.device, cache.block_size
+    # Where each written token goes is the same in every layer: computed once per pass.
     if span.full:
-        rows, pos = span.once("write_index", lambda: (torch.arange(B, device=dev)[:, None].expand(B, T),
-                                                      span.start_t[:, None] + torch.arange(T, device=dev)[None, :]))
-        write_tokens(k_l, pages, rows, pos, k_new.transpose(1, 2))
-        write_tokens(v_l, pages, rows, pos, v_new.transpose(1, 2))
+        slots = span.once("write_slots", lambda: token_slots(
+            pages, torch.arange(B, device=dev)[:, None].expand(B, T),
+            span.start_t[:, None] + torch.arange(T, device=dev)[None, :], bs))
+        write_slots(k_l, slots, k_new.transpose(1, 2))
+        write_slots(v_l, slots, v_new.transpose(1, 2))
     else:
         if not span.on_host:
             raise ValueError("a ragged span (not every row writes every column) needs host mirrors")
-        r, t = (torch.arange(T, device=dev)[None, :] < span.n_valid_t[:, None]).nonzero(as_tuple=True)
-        pos = span.start_t[r] + t
-        write_tokens(k_l, pages, r, pos, k_new[r, :, t])
-        write_tokens(v_l, pages, r, pos, v_new[r, :, t])
+        r, t = span.once("write_cols", lambda: (torch.arange(T, device=dev)[None, :] < span.n_valid_t[:, None])
+                         .nonzero(as_tuple=True))
+        slots = span.once("write_slots", lambda: token_slots(pages, r, span.start_t[r] + t, bs))
+        write_slots(k_l, slots, k_new[r, :, t])
+        write_slots(v_l, slots, v_new[r, :, t])
     if T == 1:
-        kmin, kmax, bs = cache.kmin[layer], cache.kmax[layer], cache.block_size
+        kmin, kmax = cache.kmin[layer], cache.kmax[layer]
         positions = span.start_t if span.full else torch.where(span.n_valid_t > 0, span.start_t, -1)
         if backend == "triton":
             from .kernels import update_summaries

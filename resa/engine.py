@@ -136,6 +136,8 @@ class Engine:
             return int(self.kv_cache_gib * 2**30)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
+            # Memory torch's allocator holds but no tensor uses is free for the pool too.
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             return max(0, int(self.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES)
         import os
 
@@ -157,9 +159,8 @@ class Engine:
         """Free the runner kept from the last generation (its CUDA graphs) and the KV pools no
         runner holds blocks of (cached prefixes included)."""
         self._pooled = None
-        for bs, pool in list(self._pools.items()):
-            if pool.allocator.num_held == 0:
-                del self._pools[bs]
+        for bs in [bs for bs, pool in self._pools.items() if pool.allocator.num_held == 0]:
+            del self._pools[bs]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -90,8 +90,25 @@ class KVPool:
                     f"the KV pool needs {short} more blocks of {self.block_size} tokens but is at its limit of "
                     f"{limit} blocks ({limit * self.block_bytes / 2**30:.2f} GiB); allow it more memory "
                     "(gpu_memory_utilization / kv_cache_gib) or run fewer or shorter sequences at once")
-            self.grow(min(limit, max(self.num_blocks + short, 2 * self.num_blocks)))
+            self.grow(self._growth(limit, self.num_blocks + short))
         return self.allocator.allocate(n)
+
+    def _growth(self, limit: int, need: int) -> int:
+        """The size to grow to: double (at least `need`, at most `limit`), or just `need` when the
+        doubled pool and the old one it is copied from do not both fit the free GPU memory."""
+        size = min(limit, max(need, 2 * self.num_blocks))
+        if self.device.type != "cuda" or self.allocator.num_held == 0:
+            return size
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+            - torch.cuda.memory_allocated(self.device)
+        if size * self.block_bytes > free:
+            size = need
+        if size * self.block_bytes > free:
+            raise CacheTooLargeError(
+                f"the KV pool ({self.num_blocks} blocks, in use) cannot grow to {size} blocks: the copy needs "
+                f"{size * self.block_bytes / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of GPU memory is free; run "
+                "fewer or shorter sequences at once, or size the pool up front (kv_cache_gib)")
+        return size
 
     def grow(self, num_blocks: int) -> None:
         """Enlarge the pool to `num_blocks`, keeping the held blocks' ids and content."""

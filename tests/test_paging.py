@@ -88,8 +88,8 @@ def test_shuffled_blocks_give_the_same_tokens_and_kv(backend, mode, variant):
     exactly as rows whose blocks are in order: the kernels and references follow the table."""
     # Shorter under the interpreter (slow): still ragged, sparse and rectified.
     prompts = random_prompts([70, 33, 5] if backend == "torch" else [45, 20, 5], seed=3)
-    new = NEW if backend == "torch" else 10
-    runs = [_gen(_engine(backend, seed), prompts, mode=mode, rectify_variant=variant, rectify_every=4, new=new)
+    new, f = (NEW, 8) if backend == "torch" else (10, 4)
+    runs = [_gen(_engine(backend, seed), prompts, mode=mode, rectify_variant=variant, rectify_every=f, new=new)
             for seed in (None, 11)]
     plain, shuffled = runs
     assert shuffled.token_ids == plain.token_ids
@@ -100,7 +100,7 @@ def test_shuffled_blocks_give_the_same_tokens_and_kv(backend, mode, variant):
         torch.testing.assert_close(got.k, want.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.kmax, want.kmax, rtol=1e-5, atol=1e-5)
     if mode != "dense":
-        assert shuffled.stats.kv_read_fraction < 0.8  # sparsity really active
+        assert shuffled.stats.sparse_steps > 0 and shuffled.stats.kv_read_fraction < 0.9  # sparsity really active
 
 
 def test_free_blocks_are_never_read():

@@ -67,6 +67,7 @@ def capacity(engine: Engine, contexts: list[int], new_tokens: int, bs: int) -> l
         del runner
         gc.collect()
         engine.release_buffers()
+        row["allocated_after_release_gib"] = torch.cuda.memory_allocated(engine.device) / 2**30
         print(f"capacity N={n}: paged {paged}, contiguous {row['contiguous_exact']} "
               f"(bucketed {row['contiguous_bucketed']}); decoded at batch {paged}: {row['ms_per_step']:.1f} ms/step",
               flush=True)

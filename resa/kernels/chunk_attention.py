@@ -6,9 +6,8 @@ queries per row against up to the full context. That shape is memory-bound like 
 GPU, so it gets its own split-K kernel.
 
 K/V live in a paged pool: one layer is [num_blocks, HKV, BS, D] physical blocks, and token position
-n of row b is row n % BS of physical block `pages[b, n // BS]`. A key tile of BLOCK_N tokens starts
-at a multiple of BLOCK_N, so it covers max(BLOCK_N // BS, 1) aligned pieces of whole or part blocks;
-the kernel loads one physical id per piece per tile.
+n of row b is row n % BS of physical block `pages[b, n // BS]`; each key of a tile loads its
+block's page entry (redundant loads that hit L1), so a tile may span any number of blocks.
 
 `chunk_attention_kernel`, grid (M tiles, B * HKV, splits): the G * T query rows of one KV group
 (G heads x T positions, row r = g * T + t) are cut into tiles of BLOCK_M rows; each program streams
@@ -34,23 +33,20 @@ from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
-def _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+def _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
                 stride_kp, stride_kn, stride_vp, stride_vn, stride_gj, qk_scale, m_i, l_i, acc,
-                BS: tl.constexpr, NP: tl.constexpr, TP: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1 (n0 a multiple of BLOCK_N = NP * TP):
-    NP pieces of TP tokens, each inside one block. MASK=False for tiles every query sees whole
-    (all keys below the chunk's first position): no bounds or causal mask."""
+                BS: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1 (read through the row's pages).
+    MASK=False for tiles every query sees whole (all keys below the chunk's first position): no
+    bounds or causal mask."""
     tok = n0 + offs_n
-    first = n0 + offs_p * TP
-    pg = pg_row + (first // BS).to(tl.int64) * stride_gj
+    # Every token loads its block's page entry (BS-fold redundant loads that hit L1); entries of
+    # blocks at or past `end` are not read.
+    pg = pg_row + (tok // BS).to(tl.int64) * stride_gj
     if MASK:
-        # Pieces at or past `end` are not mapped: their page entries are never read.
-        phys = tl.load(pg, mask=first < end, other=0).to(tl.int64)
+        phys = tl.load(pg, mask=tok < end, other=0).to(tl.int64)
     else:
         phys = tl.load(pg).to(tl.int64)
-    # Spread the NP ids over their tokens; the strides are applied after the reshape so that the
-    # compiler still sees 16-element aligned rows (vector loads, pipelined copies).
-    phys = tl.reshape(tl.broadcast_to(phys[:, None], [NP, TP]), [NP * TP])
     k_off = phys * stride_kp + (tok % BS) * stride_kn
     v_off = phys * stride_vp + (tok % BS) * stride_vn
     if MASK:
@@ -77,14 +73,13 @@ def chunk_attention_kernel(
     stride_lb, stride_lh, stride_lr,
     num_kv_heads, T, num_splits, qk_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-    NP: tl.constexpr, TP: tl.constexpr, UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """Partial attention of query rows [mt * BLOCK_M, +BLOCK_M) of group (b, hk) over one split of
     its key tiles. q: [B, H, T, D]; k, v: pool layers [num_blocks, HKV, BS, D]; pages: [B, max_blocks]
     (key n of row b is row n % BS of physical block pages[b, n // BS]; only entries of blocks
     holding a key < end are read); o: [B, HKV, G*T, splits, D] fp32 normalised partials;
-    lse: [B, HKV, G*T, splits] fp32 log2-sum-exp2 (-inf where empty). A key tile is NP pieces of
-    TP = min(BS, BLOCK_N) tokens, one physical block id each."""
+    lse: [B, HKV, G*T, splits] fp32 log2-sum-exp2 (-inf where empty)."""
     mt = tl.program_id(0)
     grp = tl.program_id(1)
     split = tl.program_id(2)
@@ -102,7 +97,6 @@ def chunk_attention_kernel(
     qpos = start + t
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, NP)
     heads64 = (hk * G + g).to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads64[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qt
                 + offs_d[None, :], mask=rmask[:, None], other=0.0)
@@ -126,24 +120,24 @@ def chunk_attention_kernel(
     if WHILE_LOOP:
         n0 = lo
         while n0 < mid:
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
                                         stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
-                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, False)
+                                        qk_scale, m_i, l_i, acc, BS, UPCAST, False)
             n0 += BLOCK_N
         while n0 < hi:
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
                                         stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
-                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, True)
+                                        qk_scale, m_i, l_i, acc, BS, UPCAST, True)
             n0 += BLOCK_N
     else:
         for n0 in range(lo, mid, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
                                         stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
-                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, False)
+                                        qk_scale, m_i, l_i, acc, BS, UPCAST, False)
         for n0 in range(mid, hi, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_p, offs_d,
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
                                         stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
-                                        qk_scale, m_i, l_i, acc, BS, NP, TP, UPCAST, True)
+                                        qk_scale, m_i, l_i, acc, BS, UPCAST, True)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -190,7 +184,7 @@ class ChunkConfig:
     """Launch shape of `chunk_attention_kernel`: query rows and keys per tile, warps, stages."""
 
     block_m: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
 
@@ -200,12 +194,12 @@ class ChunkConfig:
                 raise ValueError(f"chunk_attention: {what} must be a power of two >= 16, got {val}")
 
 
-# The short list the kernel benchmark sweeps; the default above won it on an H100 and an H200 at
-# 128K-256K, batch 1-4 (docs/kernels.md has the measurement).
+# The short list the kernel benchmark sweeps; the default above is the paged kernel's best on an
+# H200 at 128K, batch 4 (with 256-64-8-2, within 1%; docs/kernels.md has the measurement).
 CHUNK_CONFIGS = (
     ChunkConfig(128, 64, 8, 2), ChunkConfig(128, 64, 8, 3), ChunkConfig(128, 64, 8, 4),
-    ChunkConfig(128, 128, 8, 2), ChunkConfig(128, 32, 4, 3), ChunkConfig(256, 64, 8, 2),
-    ChunkConfig(256, 32, 8, 3),
+    ChunkConfig(128, 128, 8, 2), ChunkConfig(128, 128, 8, 3), ChunkConfig(128, 32, 4, 3),
+    ChunkConfig(256, 64, 8, 2), ChunkConfig(256, 32, 8, 3),
 )
 
 
@@ -272,7 +266,6 @@ def chunk_attention(
     rows = G * T
     block_m, block_n = min(cfg.block_m, max(16, triton.next_power_of_2(rows))), cfg.block_n
     m_tiles = triton.cdiv(rows, block_m)
-    pieces = max(block_n // block_size, 1)
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         num_splits = choose_chunk_splits(B * HKV, m_tiles, max_blocks * block_size, block_n, sms)
@@ -289,7 +282,7 @@ def chunk_attention(
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         HKV, T, num_splits, scale * 1.4426950408889634,
-        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, NP=pieces, TP=block_n // pieces,
+        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size,
         UPCAST=interpreting() or q.dtype == torch.float32, WHILE_LOOP=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

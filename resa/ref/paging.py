@@ -27,12 +27,16 @@ def gather_summaries(pool: torch.Tensor, pages: torch.Tensor, num_blocks: int) -
     return pool[pages[:, :num_blocks].long()].transpose(1, 2)
 
 
-def write_tokens(pool: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                 values: torch.Tensor) -> None:
-    """pool[token pos[i] of row rows[i]] = values[i] ([N, HKV, D]) for N (row, position) pairs."""
-    bs = pool.shape[2]
-    phys = pages[rows, pos // bs].long()
-    pool[phys, :, pos % bs] = values.to(pool.dtype)
+def token_slots(pages: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, block_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(physical block, offset in it) of token pos[i] of row rows[i] (any matching shapes)."""
+    return pages[rows, pos // block_size].long(), pos % block_size
+
+
+def write_slots(pool: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor) -> None:
+    """pool[slot i] = values[i] ([..., HKV, D]) for the `token_slots` of some tokens."""
+    phys, off = slots
+    pool[phys, :, off] = values.to(pool.dtype)
 
 
 def update_summaries_paged_ref(k_new: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pages: torch.Tensor,
