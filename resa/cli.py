@@ -64,6 +64,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: torch.compile the layer halves of the decode step (fewer kernels; compiles once)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                   help="CUDA: share of the GPU's memory weights, KV pool and activations may use (default 0.9)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
+                   help="size the KV pool to this many GiB at once (default: grow on demand up to the limit)")
+    p.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of reusing the cached blocks of a common prefix")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="CUDA: launch every kernel eagerly instead of replaying captured graphs")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
@@ -156,7 +162,9 @@ def _generate(args: argparse.Namespace) -> int:
     _check_model_path(args.model)
     prompts = _read_prompts(args)
 
-    engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs)
+    engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs,
+                         prefix_caching=args.prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
+                         kv_cache_gib=args.kv_cache_gib)
     if engine.tokenizer is None:
         raise _no_tokenizer(args.model)
     if args.compile:

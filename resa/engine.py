@@ -83,12 +83,20 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-             backend: str = "auto", cuda_graphs: bool = True) -> "Engine":
-        """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)."""
+             backend: str = "auto", cuda_graphs: bool = True, **engine_kwargs) -> "Engine":
+        """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct).
+        engine_kwargs: the KV pool settings of `Engine` (prefix_caching, gpu_memory_utilization,
+        kv_cache_gib)."""
         from .default_model import default_model_path
         from .loader import load_checkpoint
 
         dev, dtype, backend = validate.check_load_args(device=device, dtype=dtype, backend=backend)
+        unknown = set(engine_kwargs) - {"prefix_caching", "gpu_memory_utilization", "kv_cache_gib", "reuse_buffers"}
+        if unknown:
+            raise UsageError(f"Engine.load got unknown settings {sorted(unknown)}; the KV pool settings are "
+                             "prefix_caching, gpu_memory_utilization, kv_cache_gib (and reuse_buffers)")
+        validate.check_pool_args(gpu_memory_utilization=engine_kwargs.get("gpu_memory_utilization", 0.9),
+                                 kv_cache_gib=engine_kwargs.get("kv_cache_gib"))
         ckpt = load_checkpoint(path if path is not None else default_model_path())
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -97,7 +105,7 @@ class Engine:
         model = model.to_empty(device=dev).to(dtype)
         model.load_weights(ckpt.tensors)
         model.eval()
-        return cls(model, ckpt.tokenizer, cuda_graphs=cuda_graphs)
+        return cls(model, ckpt.tokenizer, cuda_graphs=cuda_graphs, **engine_kwargs)
 
     @property
     def context_length(self) -> int:

@@ -1,4 +1,12 @@
-"""Experiment: paged kernel variants vs the contiguous kernels of the previous layout, 128K b4, Qwen2.5-7B shapes."""
+"""Experiment (GPU): the paged sparse decode and chunk kernels against the contiguous kernels of
+the layout before the paged pool (commit ad2383e), Qwen2.5-7B shapes, 128K tokens, batch 4.
+
+The contiguous kernels are imported as the package `resa_old`:
+    mkdir -p /tmp/o && git archive ad2383e resa | tar -x -C /tmp/o && mv /tmp/o/resa /tmp/o/resa_old
+    PYTHONPATH=. python scripts/paged_kernel_variants.py
+Prints each variant's time in ms (CUDA-graph replays) and its largest difference from the
+contiguous kernel's output.
+"""
 import sys, torch, triton
 sys.path.insert(0, "/tmp/o")
 import resa_old.kernels as old
@@ -13,7 +21,8 @@ g = torch.Generator(device=dev).manual_seed(0)
 k = torch.randn(B, HKV, N, D, device=dev, dtype=torch.bfloat16, generator=g)
 v = torch.randn(B, HKV, N, D, device=dev, dtype=torch.bfloat16, generator=g)
 for order in ("consecutive", "shuffled"):
-    perm = torch.arange(B * nb, device=dev) if order == "consecutive" else torch.randperm(B * nb, device=dev, generator=g)
+    perm = torch.arange(B * nb) if order == "consecutive" else torch.randperm(B * nb, generator=torch.Generator().manual_seed(1))
+    perm = perm.to(dev)
     pages = perm.view(B, nb).to(torch.int32)
     kp = torch.empty(B * nb, HKV, BS, D, device=dev, dtype=torch.bfloat16)
     vp = torch.empty_like(kp)
@@ -22,13 +31,14 @@ for order in ("consecutive", "shuffled"):
     lens = torch.full((B,), N, device=dev)
     q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16, generator=g)
     S = 820
-    table = torch.sort(torch.randperm(nb, device=dev, generator=g)[:S].view(1, 1, S).expand(B, HKV, S).to(torch.int32), -1).values.contiguous()
+    chosen = torch.randperm(nb, generator=torch.Generator().manual_seed(2))[:S].sort().values
+    table = chosen.to(torch.int32).view(1, 1, S).expand(B, HKV, S).contiguous().to(dev)
     full = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb).expand(B, HKV, nb)
     ref = old.sparse_decode(q, k, v, lens, table, BS)
     res = {}
     for name, tb in (("sparse", table), ("dense", full)):
         res[f"old {name}"] = triton.testing.do_bench_cudagraph(lambda: old.sparse_decode(q, k, v, lens, tb, BS), rep=30)
-        for cfg in (DecodeConfig(), DecodeConfig(per_token_pages=True), DecodeConfig(4, 4, 3), DecodeConfig(4, 4, 3, True), DecodeConfig(8, 4, 3, True)):
+        for cfg in (DecodeConfig(), DecodeConfig(4, 4, 3), DecodeConfig(8, 4, 3)):
             out = sparse_decode(q, kp, vp, pages, lens, tb, config=cfg)
             want = old.sparse_decode(q, k, v, lens, tb, BS)
             err = (out.float() - want.float()).abs().max().item()
@@ -38,7 +48,7 @@ for order in ("consecutive", "shuffled"):
     start = torch.full((B,), N - f, device=dev); nv = torch.full((B,), f, device=dev)
     res["old chunk"] = triton.testing.do_bench_cudagraph(lambda: old.chunk_attention(qf, k, v, start, nv), rep=30)
     want = old.chunk_attention(qf, k, v, start, nv)
-    for cfg in (ChunkConfig(), ChunkConfig(per_token_pages=True), ChunkConfig(128, 64, 8, 4, True), ChunkConfig(256, 64, 8, 2), ChunkConfig(256, 64, 8, 2, True), ChunkConfig(128, 128, 8, 2, True), ChunkConfig(128, 128, 8, 3, True)):
+    for cfg in (ChunkConfig(), ChunkConfig(128, 64, 8, 3), ChunkConfig(256, 64, 8, 2), ChunkConfig(128, 128, 8, 2)):
         out = chunk_attention(qf, kp, vp, pages, start, nv, config=cfg)
         err = (out.float() - want.float()).abs().max().item()
         res[f"new chunk {cfg}"] = (triton.testing.do_bench_cudagraph(lambda: chunk_attention(qf, kp, vp, pages, start, nv, config=cfg), rep=30), err)

@@ -72,6 +72,12 @@ def test_prefix_cache_lookup_register_and_eviction_spares_held_blocks():
     with pytest.raises(CacheTooLargeError):
         a.allocate(1)
     assert a.blocks_saved([hashes[:2], hashes[:3]]) == 2 + 2  # cached x2; block 3 counted once, repeated once
+    # A cached block taken back from the free list is held: no allocation may hand it out again.
+    a.release(other)
+    a.release(got)
+    taken = a.lookup(hashes[:1])
+    assert taken == [blocks[0]] and a.num_free == 3
+    assert blocks[0] not in a.allocate(3)
 
 
 # ---- paged == any layout ----
@@ -200,3 +206,31 @@ def test_pool_limits_are_clear_errors():
     assert _gen(small, [list(range(40))]).token_ids  # one row does
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         type(engine)(engine.model, gpu_memory_utilization=1.5)
+
+
+def test_eviction_under_pressure_spares_the_blocks_in_use():
+    """A pool of 40 blocks: cached prefixes are evicted when a later request needs the room, but
+    never a block a row holds; outputs stay those of a fresh engine."""
+    doc = random_prompts([24], seed=10)[0]                     # 6 blocks
+    a, b = doc + [1, 2, 3], doc + [4, 5]
+    other, third = random_prompts([60, 60], seed=11)           # 15 blocks + 8 for the new tokens each
+    fresh = {tuple(p): _gen(_engine(), [p], mode="resa").token_ids[0] for p in (a, b, other, third)}
+    engine = _engine(shuffle_seed=3, blocks=40)
+    alloc = engine.kv_pool(BS).allocator
+    assert _gen(engine, [a], mode="resa").token_ids[0] == fresh[tuple(a)]
+    assert alloc.num_cached == 6
+    # b takes a's six cached blocks while `other` runs next to it: together they hold 6 + 2 + 7 (b)
+    # + 22 (other) = 37 of 40 blocks, so the allocation must not evict the six b holds.
+    out = _gen(engine, [b, other], mode="resa")
+    assert out.token_ids == [fresh[tuple(b)], fresh[tuple(other)]]
+    assert out.stats.prefix_cached_tokens == 6 * BS
+    del out
+    cached = alloc.num_cached
+    assert cached == 6 + 15                                     # a's prefix and other's full blocks
+    # `third` (22 blocks, none cached) does not fit the 19 never-cached free blocks: some cached
+    # blocks are evicted to make room.
+    assert _gen(engine, [third], mode="resa").token_ids[0] == fresh[tuple(third)]
+    assert alloc.num_cached < cached + 15
+    again = _gen(engine, [a], mode="resa")
+    assert again.token_ids[0] == fresh[tuple(a)]
+    assert alloc.num_held == again.runner.cache.blocks_for(len(a) + NEW - 1)  # the last token is never fed

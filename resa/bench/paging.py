@@ -135,7 +135,8 @@ def markdown(r: dict) -> str:
              f"torch {r['torch']}; the engine may use {r['gpu_memory_utilization']:.0%} of "
              f"{r['gpu_memory_gib']:.0f} GiB (weights, KV pool, 2 GiB activation reserve).", "",
              "| context + new | pool GiB | paged requests (opened, filled, decoded) | one more refused | "
-             "contiguous exact | contiguous bucketed | ms/step at that batch |", "|---|---|---|---|---|---|---|"]
+             "contiguous exact | contiguous bucketed | ms/step of 16 dense steps (graph capture included) |",
+             "|---|---|---|---|---|---|---|"]
     for c in r["capacity"]:
         lines.append(f"| {c['context']} + {c['new_tokens']} | {c['pool_gib']:.1f} | {c['paged']} | "
                      f"{c['one_more_refused']} | {c['contiguous_exact']} | {c['contiguous_bucketed']} | "
@@ -145,7 +146,8 @@ def markdown(r: dict) -> str:
               f"(+{m['new_tokens']} new each): paged fits {m['short_requests_paged']} short ones, a contiguous "
               f"cache {m['short_requests_contiguous']} (every row reserves the longest).", "",
               f"Time to first token, questions of {r['ttft']['question_tokens']} tokens about one "
-              f"{r['ttft']['doc_tokens']}-token document (public generate_ids, one request at a time):", "",
+              f"{r['ttft']['doc_tokens']}-token document (public generate_ids, one request at a time; the "
+              "first call of the run also compiles the prefill's kernels):", "",
               "| prefix cache | question | TTFT s | prompt tokens reused |", "|---|---|---|---|"]
     for name, key in (("on", "with_cache"), ("off", "without_cache")):
         for t in r["ttft"][key]:
