@@ -1,10 +1,9 @@
-"""KV storage: the paged pool of K/V blocks and their key min/max summaries (`KVPool`), a batch's
-view of it through block tables with device-side row lengths (`KVCache`), and the descriptor of
-where one forward pass writes (`Span`).
+"""A batch's view of the paged KV pool (`resa.pool.KVPool`) through block tables, with device-side
+row lengths (`KVCache`), and the descriptor of where one forward pass writes (`Span`).
 
-The cache only stores; how K/V and summaries are written (torch reference or Triton kernels) is
-chosen in `resa.attention`, and which blocks each row holds (with the host copy of the row
-lengths) belongs to `resa.runner.Runner`.
+The cache stores and keeps the books of which blocks each row holds; how K/V and summaries are
+written (torch reference or Triton kernels) is chosen in `resa.attention`, and the host copy of
+the row lengths belongs to `resa.runner.Runner`.
 """
 
 from __future__ import annotations

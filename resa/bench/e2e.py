@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from ..pool import KVPool
 from ..config import GROUP_POOLS, ResaConfig
 from ..cost import sparse_step_reads
 from ..engine import Engine
+from ..pool import KVPool
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
-from .kernels import _bench_graph, card_name, copy_bandwidth
+from .kernels import _bench_graph, card_name, copy_bandwidth, save_results
 
 MODES = ("dense", "sparse", "resa-paper", "resa-fused")
 
@@ -226,13 +224,9 @@ def run(args: argparse.Namespace) -> dict:
     result = {"card": card_name(device), "torch": torch.__version__, "shape": args.shape,
               "copy_GBps": copy_bw, "gpu_memory_gib": free_total / 2**30, "resa": resa.__dict__,
               "rows": rows, "skipped": skipped, "hf_peer": peers}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.shape}-{''.join(c for c in card_name(device).lower() if c.isalnum())[:24]}"
     stem += "" if args.group_pool == "mean" else f"-pool-{args.group_pool}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out_dir, stem, result, markdown(result))
     return result
 
 

@@ -69,6 +69,16 @@ def copy_bandwidth(device: torch.device, rep_ms: int) -> float:
     return 2 * n / us / 1e3
 
 
+def save_results(out_dir: str | Path, stem: str, result: dict, text: str) -> None:
+    """Write a benchmark's result as `stem`.json and its table as `stem`.md under out_dir, and
+    print the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
 def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
@@ -310,13 +320,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"[{time.time() - t0:6.1f}s] {model} {n_ctx // KIB}K b{batch}: "
                       + ", ".join(f"{r['op']}/{r['variant']} {r['time_us']}us" for r in rows if "time_us" in r and r["op"] != "rectify_dense_chunk")
                       + f" -> {both['speedup_vs_sdpa']}x", flush=True)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.name or _stem(result["card"])
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (out_dir / f"{stem}.md").write_text(md)
-    print(md)
+    save_results(args.out_dir, args.name or _stem(result["card"]), result, markdown(result))
     return result
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-from pathlib import Path
 
 import torch
 
@@ -26,7 +24,7 @@ from ..config import ResaConfig
 from ..engine import Engine
 from ..pool import KVPool
 from ..random_model import SHAPES, random_model
-from .kernels import card_name
+from .kernels import card_name, save_results
 
 
 def _contiguous_rows(allowed: int, per_token: int, capacity: int, bs: int, rounded: bool) -> int:
@@ -121,12 +119,8 @@ def run(args: argparse.Namespace) -> dict:
     result["ttft"] = {"doc_tokens": args.doc_tokens, "question_tokens": args.question_tokens,
                       "with_cache": prefix_ttft(engine, args.doc_tokens, args.questions, args.question_tokens, True),
                       "without_cache": prefix_ttft(engine, args.doc_tokens, args.questions, args.question_tokens, False)}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.shape}-{''.join(c for c in card_name(device).lower() if c.isalnum())[:24]}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    save_results(args.out_dir, stem, result, markdown(result))
     return result
 
 

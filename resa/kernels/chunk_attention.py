@@ -7,7 +7,8 @@ GPU, so it gets its own split-K kernel.
 
 K/V live in a paged pool: one layer is [num_blocks, HKV, BS, D] physical blocks, and token position
 n of row b is row n % BS of physical block `pages[b, n // BS]`; each key of a tile loads its
-block's page entry (redundant loads that hit L1), so a tile may span any number of blocks.
+block's page entry (redundant loads that hit L1), one tile ahead, so a tile may span any number
+of blocks and its K/V addresses are known when the tile starts.
 
 `chunk_attention_kernel`, grid (M tiles, B * HKV, splits): the G * T query rows of one KV group
 (G heads x T positions, row r = g * T + t) are cut into tiles of BLOCK_M rows; each program streams
@@ -33,20 +34,21 @@ from ._online_softmax import online_softmax_step, tile_scores
 
 
 @triton.jit
-def _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
-                stride_kp, stride_kn, stride_vp, stride_vn, stride_gj, qk_scale, m_i, l_i, acc,
-                BS: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
-    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1 (read through the row's pages).
-    MASK=False for tiles every query sees whole (all keys below the chunk's first position): no
-    bounds or causal mask."""
+def _tile_pages(pg_row, n0, end, offs_n, stride_gj, BS: tl.constexpr):
+    """Physical block of each key n0 .. n0 + BLOCK_N - 1 (entries of blocks at or past `end` are
+    not read): every key loads its block's page entry, BS-fold redundant loads that hit L1."""
     tok = n0 + offs_n
-    # Every token loads its block's page entry (BS-fold redundant loads that hit L1); entries of
-    # blocks at or past `end` are not read.
-    pg = pg_row + (tok // BS).to(tl.int64) * stride_gj
-    if MASK:
-        phys = tl.load(pg, mask=tok < end, other=0).to(tl.int64)
-    else:
-        phys = tl.load(pg).to(tl.int64)
+    return tl.load(pg_row + (tok // BS).to(tl.int64) * stride_gj, mask=tok < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _chunk_tile(q, k_head, v_head, phys, n0, end, qpos, offs_n, offs_d,
+                stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, m_i, l_i, acc,
+                BS: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1, whose physical blocks `phys`
+    were loaded one tile ahead (`_tile_pages`). MASK=False for tiles every query sees whole (all
+    keys below the chunk's first position): no bounds or causal mask."""
+    tok = n0 + offs_n
     k_off = phys * stride_kp + (tok % BS) * stride_kn
     v_off = phys * stride_vp + (tok % BS) * stride_vn
     if MASK:
@@ -117,27 +119,39 @@ def chunk_attention_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     # Tiles wholly below the chunk's first position are seen by every query: no mask there.
     mid = tl.minimum(hi, tl.maximum(lo, lo + (start - lo) // BLOCK_N * BLOCK_N))
+    # Each iteration loads the next tile's page entries before it attends to the current tile, so
+    # the K/V addresses never wait on a load issued in the same iteration (measured 0.94 vs 1.11 ms
+    # at 128K, batch 4 on an H200).
+    phys = _tile_pages(pg_row, lo, end, offs_n, stride_gj, BS)
     if WHILE_LOOP:
         n0 = lo
         while n0 < mid:
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
-                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+            nxt = _tile_pages(pg_row, n0 + BLOCK_N, end, offs_n, stride_gj, BS)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, phys, n0, end, qpos, offs_n, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn,
                                         qk_scale, m_i, l_i, acc, BS, UPCAST, False)
+            phys = nxt
             n0 += BLOCK_N
         while n0 < hi:
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
-                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+            nxt = _tile_pages(pg_row, n0 + BLOCK_N, end, offs_n, stride_gj, BS)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, phys, n0, end, qpos, offs_n, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn,
                                         qk_scale, m_i, l_i, acc, BS, UPCAST, True)
+            phys = nxt
             n0 += BLOCK_N
     else:
         for n0 in range(lo, mid, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
-                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+            nxt = _tile_pages(pg_row, n0 + BLOCK_N, end, offs_n, stride_gj, BS)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, phys, n0, end, qpos, offs_n, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn,
                                         qk_scale, m_i, l_i, acc, BS, UPCAST, False)
+            phys = nxt
         for n0 in range(mid, hi, BLOCK_N):
-            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, pg_row, n0, end, qpos, offs_n, offs_d,
-                                        stride_kp, stride_kn, stride_vp, stride_vn, stride_gj,
+            nxt = _tile_pages(pg_row, n0 + BLOCK_N, end, offs_n, stride_gj, BS)
+            m_i, l_i, acc = _chunk_tile(q, k_head, v_head, phys, n0, end, qpos, offs_n, offs_d,
+                                        stride_kp, stride_kn, stride_vp, stride_vn,
                                         qk_scale, m_i, l_i, acc, BS, UPCAST, True)
+            phys = nxt
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
