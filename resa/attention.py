@@ -6,9 +6,11 @@ chosen, for the K/V writes and summary maintenance as well as for attention itse
   dense decode) or GBSA block-sparse (one decode token per row: `plan_sparse` then
   `sparse_decode_attention`).
 
-The torch backend is fp32 reference math (`resa.ref`); the Triton backend runs `resa.kernels`
-(on CUDA, or on CPU under Triton's interpreter, TRITON_INTERPRET=1). Spans without host mirrors
-(the passes CUDA graphs capture) never synchronise with the host on the Triton backend.
+Both read and write the paged pool through the cache's block tables (`KVCache.pages`): the
+torch backend gathers a row's blocks and runs fp32 reference math (`resa.ref.paging`, `resa.ref`);
+the Triton backend runs `resa.kernels`, which take the tables themselves (on CUDA, or on CPU under
+Triton's interpreter, TRITON_INTERPRET=1). Spans without host mirrors (the passes CUDA graphs
+capture) never synchronise with the host on the Triton backend.
 """
 
 from __future__ import annotations

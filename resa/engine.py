@@ -295,9 +295,7 @@ class Engine:
         prefix cache and shared prefixes save) cannot fit the pool."""
         cache, pool = runner.cache, runner.cache.pool
         need = sum(cache.blocks_for(len(r) + max_new_tokens) for r in rows)
-        if need <= pool.available():
-            return
-        if self.prefix_caching:
+        if need > pool.available() and self.prefix_caching:
             bs = cache.block_size
             need -= pool.allocator.blocks_saved([block_hashes(r, bs)[:(len(r) - 1) // bs] for r in rows])
         if need > pool.available():
@@ -306,6 +304,7 @@ class Engine:
                 f"this batch needs {need * gib:.1f} GiB of KV blocks but the pool has {pool.available() * gib:.1f} "
                 "GiB free; use fewer prompts, shorter prompts or fewer new tokens (or allow the pool more "
                 "memory: gpu_memory_utilization / kv_cache_gib)")
+        pool.ensure_free(need)  # one growth now rather than one per row during the prefill
 
     def decode(
         self,

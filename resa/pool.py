@@ -82,6 +82,12 @@ class KVPool:
 
     def allocate(self, n: int) -> list[int]:
         """n fresh blocks (one reference each), growing the pool if it has too few free."""
+        self.ensure_free(n)
+        return self.allocator.allocate(n)
+
+    def ensure_free(self, n: int) -> None:
+        """Grow the pool, if needed, so that n blocks are free (one growth for a whole batch
+        instead of one per row)."""
         short = n - self.allocator.num_free
         if short > 0:
             limit = self.max_blocks if self.max_blocks is not None else sys.maxsize
@@ -91,7 +97,6 @@ class KVPool:
                     f"{limit} blocks ({limit * self.block_bytes / 2**30:.2f} GiB); allow it more memory "
                     "(gpu_memory_utilization / kv_cache_gib) or run fewer or shorter sequences at once")
             self.grow(self._growth(limit, self.num_blocks + short))
-        return self.allocator.allocate(n)
 
     def _growth(self, limit: int, need: int) -> int:
         """The size to grow to: double (at least `need`, at most `limit`), or just `need` when the
