@@ -159,6 +159,7 @@ def _generate(args: argparse.Namespace) -> int:
     validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=args.max_new_tokens)
     stop = validate.check_stop(args.stop)
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
+    validate.check_pool_args(gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
     _check_model_path(args.model)
     prompts = _read_prompts(args)
 
@@ -209,9 +210,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench", required=True)
     k = bsub.add_parser("kernels", help="selection + sparse attention vs SDPA dense decode, per layer")
     e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
+    pg = bsub.add_parser("paging", help="paged KV pool: concurrent requests that fit, prefix-cache time to first token")
     try:
         from .bench import e2e as e2e_mod
         from .bench import kernels as kernels_mod
+        from .bench import paging as paging_mod
     except Exception as exc:  # noqa: BLE001 -- a broken benchmark module must not break `resa generate`
         reason = f"{type(exc).__name__}: {exc}"
 
@@ -219,7 +222,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             raise ResaError(f"the benchmarks cannot be loaded ({reason}); reinstall resa with its GPU extra "
                             "(pip install -e '.[gpu]')")
 
-        for parser in (k, e):
+        for parser in (k, e, pg):
             parser.add_argument("rest", nargs=argparse.REMAINDER)
             parser.set_defaults(func=unavailable)
         return
@@ -235,6 +238,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(func=run_kernels)
     e2e_mod.add_arguments(e)
     e.set_defaults(func=run_e2e)
+
+    def run_paging(args: argparse.Namespace) -> int:
+        paging_mod.run(args)
+        return 0
+
+    paging_mod.add_arguments(pg)
+    pg.set_defaults(func=run_paging)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
