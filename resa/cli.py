@@ -39,7 +39,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="*", help="prompt(s); several make a batch; '-' or none reads stdin")
     p.add_argument("--file", help="read one prompt per file (whole file is one prompt)", action="append")
     p.add_argument("--model", help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--mode", choices=("resa", "sparse", "dense"), default="resa")
+    p.add_argument("--mode", choices=("resa", "sparse", "dense"), default="resa",
+                   help="resa (sparse steps + rectification, default), sparse (never rectify) or dense")
     p.add_argument("--active-ratio", type=float, default=0.1, help="fraction of blocks read per step (default 0.1)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--min-blocks", type=int, default=16, help="blocks always kept (default 16)")
@@ -51,17 +52,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-pool", choices=GROUP_POOLS, default="mean",
                    help="block score of a KV group: mean = the bound of the heads' mean query (the paper's), "
                         "max = the largest of the heads' own bounds")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all, default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p (default 1.0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one each run)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the model's chat template (default when it has one)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as plain text")
+    p.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu or cuda[:N]")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: torch.compile the layer halves of the decode step (fewer kernels; compiles once)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
@@ -72,8 +74,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="compute every prompt in full instead of reusing the cached blocks of a common prefix")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="CUDA: launch every kernel eagerly instead of replaying captured graphs")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="attention code: auto (Triton kernels on CUDA, torch references on CPU), torch or triton")
     p.add_argument("--quiet", action="store_true", help="no stats line")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (text, finish reason, token counts, the batch's stats) "
+                        "instead of text")
     p.set_defaults(func=_generate)
 
 
@@ -171,7 +177,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.compile:
         engine.model.compile_decode()
     chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
-    stream = len(prompts) == 1
+    stream = len(prompts) == 1 and not args.json
     partial = [[] for _ in prompts]
 
     def on_text(row: int, piece: str) -> None:
@@ -192,21 +198,48 @@ def _generate(args: argparse.Namespace) -> int:
                 print(flush=True)
         elif any(partial):
             for i, pieces in enumerate(partial):
-                print(f"=== [{i}] (interrupted)\n{''.join(pieces)}")
+                if args.json:
+                    print(_json_line(i, "".join(pieces), "interrupted", None, None))
+                else:
+                    print(f"=== [{i}] (interrupted)\n{''.join(pieces)}")
             sys.stdout.flush()
         raise
-    if stream:
+    if args.json:
+        for i, text in enumerate(result.texts):
+            print(_json_line(i, text, result.finish_reasons[i], result, i))
+    elif stream:
         print()
     else:
         for i, text in enumerate(result.texts):
             print(f"=== [{i}] ({result.finish_reasons[i]})\n{text}")
     if not args.quiet:
-        print(f"[{result.stats.summary()}]", file=sys.stderr)
+        print(f"[{result.stats.summary()} finish={','.join(result.finish_reasons)}]", file=sys.stderr)
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="speed benchmarks (GPU)")
+def _json_line(row: int, text: str, finish: str, result, i: int | None) -> str:
+    """One prompt's result as a JSON line (token counts and stats when the generation ended)."""
+    import json
+
+    obj = {"index": row, "text": text, "finish_reason": finish}
+    if result is not None:
+        s = result.stats
+        tps = s.tokens_per_second
+        obj.update(prompt_tokens=s.prompt_tokens[i], completion_tokens=len(result.token_ids[i]),
+                   stats={"mode": s.mode, "rectify_variant": s.rectify_variant,
+                          "time_to_first_token_s": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+                          "tokens_per_second": tps if tps == tps else None,
+                          "kv_read_fraction": s.kv_read_fraction, "rectifications": s.rectifications,
+                          "prefix_cached_tokens": s.prefix_cached_tokens})
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
+    """The `bench` command. Its subcommands' arguments come from the benchmark modules, which
+    load torch, so they are only built when `bench` is on the command line (full)."""
+    p = sub.add_parser("bench", help="speed benchmarks (GPU): kernels, e2e, paging")
+    if not full:
+        return
     bsub = p.add_subparsers(dest="bench", required=True)
     k = bsub.add_parser("kernels", help="selection + sparse attention vs SDPA dense decode, per layer")
     e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
@@ -253,7 +286,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     register(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser; bench=False leaves out the benchmark subcommands' arguments
+    (they import torch), which `main` builds only when the command is `bench`."""
     parser = argparse.ArgumentParser(
         prog="resa", description="Rectified Sparse Attention: fast, near-lossless long-context decoding.",
         epilog="Errors end as one line on stderr (exit 2: bad argument or input, 1: other failure, "
@@ -264,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "accepted anywhere before --")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    _add_bench(sub)
+    _add_bench(sub, bench)
     _add_eval(sub)
     return parser
 
@@ -356,7 +391,7 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
 def main(argv: list[str] | None = None) -> int:
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get("RESA_DEBUG", "") not in ("", "0")
-    args = build_parser().parse_args(argv)
+    args = build_parser(bench="bench" in argv).parse_args(argv)
     return run_guarded(_command_name(args), lambda: args.func(args), debug)
 
 

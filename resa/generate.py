@@ -32,7 +32,7 @@ class GenerationStats:
     # (t, first position of the window in row 0, width) of each rectification; t is the index of
     # the generated token being fed when it ran
     rectified_at: list[tuple[int, int, int]] = field(default_factory=list)
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the prompt's prefill, i.e. the time to the first token
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0  # part of prefill + decode spent capturing CUDA graphs (first use)
     prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
@@ -62,7 +62,7 @@ class GenerationStats:
         return (
             f"mode={self.mode}{variant} prompt_tokens={sum(self.prompt_tokens)} "
             f"new_tokens={sum(self.new_tokens)} decode={speed} "
-            f"prefill={self.prefill_seconds:.2f}s kv_read={self.kv_read_fraction:.3f} "
+            f"ttft={self.prefill_seconds:.2f}s kv_read={self.kv_read_fraction:.3f} "
             f"rectifications={self.rectifications}"
             + (f" graph_capture={self.capture_seconds:.2f}s" if self.capture_seconds else "")
             + (f" prefix_cached={self.prefix_cached_tokens}" if self.prefix_cached_tokens else "")

@@ -153,12 +153,15 @@ def check_generation_args(*, resa: Any, sampling: Any, max_new_tokens: Any, sync
 
 
 def check_device(device: Any) -> torch.device:
-    """A cpu or cuda[:N] device that this torch can use."""
+    """A cpu or cuda[:N] device that this torch can use; "auto" is cuda when a GPU is visible,
+    else cpu."""
+    if isinstance(device, str) and device.strip() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, torch.device):
         dev = device
     elif isinstance(device, str):
         if not device.strip():
-            raise UsageError("device is empty; use 'cpu' or 'cuda' (or 'cuda:N')")
+            raise UsageError("device is empty; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')")
         try:
             dev = torch.device(device.strip())
         except (RuntimeError, ValueError) as exc:

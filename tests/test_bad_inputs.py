@@ -111,7 +111,7 @@ NOT_UTF8 = b"caf\xe9 \xff\xfe"
 # (id, argv, stdin bytes, Engine.load stand-in (None: the real one), exit status, message regex)
 CLI_CASES = [
     ("device-mps", ["generate", "--device", "mps", "hi"], None, _no_loading, 2, r"device 'mps' is not supported.*'cpu' or 'cuda'"),
-    ("device-empty", ["generate", "--device", "", "hi"], None, _no_loading, 2, r"device is empty; use 'cpu'"),
+    ("device-empty", ["generate", "--device", "", "hi"], None, _no_loading, 2, r"device is empty; use 'auto', 'cpu'"),
     ("device-meta", ["generate", "--device", "meta", "hi"], None, _no_loading, 2, r"device 'meta' is not supported"),
     ("device-foo", ["generate", "--device", "foo", "hi"], None, _no_loading, 2, r"device 'foo' is not a device name"),
     ("device-cuda99", ["generate", "--device", "cuda:99", "hi"], None, _no_loading, 2, r"cuda:99"),
@@ -486,3 +486,45 @@ def test_engine_load_rejects_bad_device_dtype_backend_before_loading():
                             (dict(backend="foo"), "backend must be one of")):
         with pytest.raises(UsageError, match=message):
             Engine.load("/nonexistent/model.gguf", **kwargs)  # fails on the argument, not the path
+
+
+def test_cli_json_prints_one_object_per_prompt(monkeypatch, capsys):
+    """--json: one JSON line per prompt with text, finish reason, token counts and stats (no
+    streaming); the stats line on stderr ends with the finish reasons."""
+    import json
+
+    import resa.engine
+    from resa.generate import GenerationStats
+
+    class JsonEngine(FakeEngine):
+        def generate(self, prompts, *, on_text=None, **kwargs):
+            for row in range(len(prompts)):
+                on_text(row, "Hi")
+            stats = GenerationStats("resa", "paper", [5, 7], new_tokens=[2, 1], decode_steps=1,
+                                    prefill_seconds=0.25, decode_seconds=0.5, prefix_cached_tokens=4)
+            n = len(prompts)
+            return resa.engine.GenerationResult([[1, 2], [3]][:n], ["Hi!", "Hi"][:n], ["eos", "length"][:n], stats)
+
+    monkeypatch.setattr(resa.engine.Engine, "load", staticmethod(lambda *a, **k: JsonEngine(None)))
+    code, out, err = run_cli(["generate", "--json", "a", "b"], None, monkeypatch, capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["index"], r["text"], r["finish_reason"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] \
+        == [(0, "Hi!", "eos", 5, 2), (1, "Hi", "length", 7, 1)]
+    assert rows[0]["stats"]["time_to_first_token_s"] == 0.25 and rows[0]["stats"]["prefix_cached_tokens"] == 4
+    assert "ttft=0.25s" in err and err.strip().endswith("finish=eos,length]")
+    # One prompt with --json is not streamed either: stdout is exactly one JSON line.
+    code, out, _ = run_cli(["generate", "--json", "a"], None, monkeypatch, capsys)
+    assert code == 0 and len(out.splitlines()) == 1 and json.loads(out)["text"] == "Hi!"
+
+
+def test_help_does_not_import_torch():
+    """`resa --help` and `resa generate --help` answer at once: nothing on that path loads torch
+    (the benchmark subcommands, whose modules do, are built only for `resa bench`)."""
+    for argv in (["--help"], ["generate", "--help"], ["eval", "--help"]):
+        code = ("import sys, runpy; sys.argv = ['resa'] + %r\n"
+                "try:\n    runpy.run_module('resa', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')") % (argv,)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("NO-TORCH"), (argv, out.stdout[-300:], out.stderr[-300:])
