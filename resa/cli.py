@@ -199,14 +199,14 @@ def _generate(args: argparse.Namespace) -> int:
         elif any(partial):
             for i, pieces in enumerate(partial):
                 if args.json:
-                    print(_json_line(i, "".join(pieces), "interrupted", None, None))
+                    print(_json_line(i, "".join(pieces), "interrupted"))
                 else:
                     print(f"=== [{i}] (interrupted)\n{''.join(pieces)}")
             sys.stdout.flush()
         raise
     if args.json:
         for i, text in enumerate(result.texts):
-            print(_json_line(i, text, result.finish_reasons[i], result, i))
+            print(_json_line(i, text, result.finish_reasons[i], result))
     elif stream:
         print()
     else:
@@ -217,11 +217,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_line(row: int, text: str, finish: str, result, i: int | None) -> str:
-    """One prompt's result as a JSON line (token counts and stats when the generation ended)."""
+def _json_line(i: int, text: str, finish: str, result=None) -> str:
+    """Prompt i's result as a JSON line (with token counts and stats when the generation ended)."""
     import json
 
-    obj = {"index": row, "text": text, "finish_reason": finish}
+    obj = {"index": i, "text": text, "finish_reason": finish}
     if result is not None:
         s = result.stats
         tps = s.tokens_per_second

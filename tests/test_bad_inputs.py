@@ -233,6 +233,10 @@ def test_cli_interrupt_keeps_streamed_text(monkeypatch, capsys):
     # A batch is not streamed; what each row had when interrupted is still printed.
     code, out, err = run_cli(["generate", "a", "b"], None, monkeypatch, capsys)
     assert code == 130 and out.count("(interrupted)\nHello, wor") == 2
+    # With --json, each row's text so far is a JSON line with finish_reason "interrupted".
+    code, out, err = run_cli(["generate", "--json", "a", "b"], None, monkeypatch, capsys)
+    assert code == 130 and [json.loads(line) for line in out.splitlines()] == [
+        {"index": i, "text": "Hello, wor", "finish_reason": "interrupted"} for i in range(2)]
 
 
 @pytest.mark.parametrize("how", ["flag-first", "flag-after-command", "env"])
