@@ -188,7 +188,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         result = engine.generate(
-            prompts, chat=chat, stop=stop, on_text=on_text,
+            prompts, chat=chat, stop=stop, on_text=on_text, on_prefill=_prefill_bar(args),
             resa=resa, sampling=sampling, max_new_tokens=args.max_new_tokens,
         )
     except BaseException:
@@ -215,6 +215,19 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"[{result.stats.summary()} finish={','.join(result.finish_reasons)}]", file=sys.stderr)
     return 0
+
+
+def _prefill_bar(args: argparse.Namespace):
+    """A progress line on stderr (a terminal only) for prefills of more than 4 chunks."""
+    if args.quiet or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        if total > 4 * args.prefill_chunk:
+            end = "\r" if done < total else "\r" + " " * 40 + "\r"
+            print(f"\rprefill {done}/{total} tokens ({100 * done // total}%)", end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def _json_line(i: int, text: str, finish: str, result=None) -> str:

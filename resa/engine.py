@@ -255,9 +255,11 @@ class Engine:
         on_token: Callable[[int, int], bool] | None = None,
         keep_cache: bool = False,
         sync_every: int | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Prefill the prompts densely and generate up to max_new_tokens per row (see `decode`).
-        keep_cache returns the runner and its KV cache (for inspection)."""
+        keep_cache returns the runner and its KV cache (for inspection). on_prefill(done, total)
+        is called after each prefill chunk (prompt tokens computed so far, and in all)."""
         validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
                                        sync_every=sync_every)
         prompt_ids = validate.check_prompt_ids(prompt_ids, self.model.cfg.vocab_size)
@@ -277,7 +279,7 @@ class Engine:
         capture0, hits0 = runner.capture_seconds, runner.prefix_hits
         try:
             t0 = wall_clock(self.device)
-            logits = runner.prefill(rows, resa.prefill_chunk, share=self.prefix_caching)
+            logits = runner.prefill(rows, resa.prefill_chunk, share=self.prefix_caching, progress=on_prefill)
             prefill_seconds = wall_clock(self.device) - t0
             result = self.decode(runner, logits, resa=resa, sampling=sampling, max_new_tokens=max_new_tokens,
                                  eos_token_ids=eos_token_ids, on_token=on_token, sync_every=sync_every,

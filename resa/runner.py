@@ -9,7 +9,7 @@ The model is anything with `run(tokens, cache, span, sparse, cols, observe) -> l
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from . import attention as attn
 from .blocks import block_hashes
 from .cache import KVCache, Span
 from .config import ResaConfig
+
+# progress(done, total): tokens computed so far out of a pass's total (e.g. for a progress bar).
+Progress = Callable[[int, int], None]
 
 
 class Runner:
@@ -59,10 +62,11 @@ class Runner:
 
     # ---- passes ----
 
-    def extend(self, rows: Sequence[Sequence[int]], chunk: int) -> torch.Tensor:
+    def extend(self, rows: Sequence[Sequence[int]], chunk: int, progress: Progress | None = None) -> torch.Tensor:
         """Append each row's tokens (ragged; a row may get none, but some row must get one)
         densely, in chunks of `chunk` columns (a prefill when the rows are empty). Returns fp32
-        logits [B, V] of each row's last new token (zeros for rows that got none)."""
+        logits [B, V] of each row's last new token (zeros for rows that got none).
+        progress(done, total): called after each chunk with the tokens appended so far."""
         lens = [len(r) for r in rows]
         if len(rows) != self.batch:
             raise ValueError(f"extend needs one token list per row ({self.batch}), got {len(rows)}")
@@ -86,10 +90,13 @@ class Runner:
                 if c0 <= n - 1 < c0 + width:
                     last[b] = logits[b]
             self.lengths = list(span.end)
+            if progress is not None:
+                progress(sum(span.end) - sum(base), sum(lens))
         filler = torch.zeros_like(next(x for x in last if x is not None))
         return torch.stack([filler if x is None else x for x in last])
 
-    def prefill(self, rows: Sequence[Sequence[int]], chunk: int, *, share: bool = True) -> torch.Tensor:
+    def prefill(self, rows: Sequence[Sequence[int]], chunk: int, *, share: bool = True,
+                progress: Progress | None = None) -> torch.Tensor:
         """`extend` of empty rows by their prompts, through the pool's prefix cache.
 
         With share, each prompt takes the cached blocks of its longest cached prefix (full blocks
@@ -98,11 +105,12 @@ class Runner:
         prefix no earlier call cached are filled in waves: the first of them computes it, the
         others take it. The last token of a prompt is always computed (its logits are needed).
         Returns fp32 logits [B, V] of each row's last token; `prefix_hits` counts reused tokens.
+        progress(done, total): the tokens computed so far and in all (each wave reports its own).
         """
         if any(self.lengths):
             raise ValueError("prefill needs empty rows (use extend to append)")
         if not share:
-            return self.extend(rows, chunk)
+            return self.extend(rows, chunk, progress)
         bs, alloc = self.cache.block_size, self.cache.pool.allocator
         hashes = [block_hashes(r, bs) for r in rows]
         out: list[torch.Tensor | None] = [None] * self.batch
@@ -126,7 +134,7 @@ class Runner:
                 self.prefix_hits += len(taken) * bs
                 feed[b] = list(rows[b][len(taken) * bs:])
             self.cache.lengths.copy_(torch.tensor(self.lengths, device=self.device))
-            logits = self.extend(feed, chunk)
+            logits = self.extend(feed, chunk, progress)
             for b, _ in wave:
                 out[b] = logits[b]
                 alloc.register(self.cache.blocks[b][:len(hashes[b])], hashes[b])

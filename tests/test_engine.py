@@ -278,3 +278,11 @@ def test_each_rectification_turns_sparse_made_kv_into_dense_kv(engine, variant):
             ref = k_dense[:, :, lo[b]:lo[b] + width]
             assert not torch.allclose(before[b], ref, atol=1e-3), "the window was not sparse-made"
             torch.testing.assert_close(after[b], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_progress_counts_every_prompt_token_once(engine):
+    calls = []
+    prompts = random_prompts([70, 20], seed=9)
+    engine.generate_ids(prompts, resa=ResaConfig(**SMALL, prefill_chunk=16), max_new_tokens=2, eos_token_ids=[],
+                        on_prefill=lambda done, total: calls.append((done, total)))
+    assert [t for _, t in calls] == [90] * 5 and [d for d, _ in calls] == [32, 52, 68, 84, 90]
