@@ -532,3 +532,40 @@ def test_help_does_not_import_torch():
                 "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')") % (argv,)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().endswith("NO-TORCH"), (argv, out.stdout[-300:], out.stderr[-300:])
+
+
+class ChatEngine(FakeEngine):
+    """A stand-in with a chat template that renders `role:content` turns; replies R1, R2, ..."""
+
+    def __init__(self, template="t"):
+        super().__init__(None)
+        self.prompts = []
+        self.tokenizer = SimpleNamespace(
+            chat_template=template,
+            apply_chat_template=lambda msgs: "|".join(f"{m['role']}:{m['content']}" for m in msgs))
+
+    def generate(self, prompts, *, on_text=None, chat=None, **kwargs):
+        import resa.engine
+        from resa.generate import GenerationStats
+
+        assert chat is False  # the conversation is rendered by the command, not by the engine
+        self.prompts.append(prompts[0])
+        reply = f"R{len(self.prompts)}"
+        on_text(0, reply)
+        return resa.engine.GenerationResult([[1]], [reply], ["eos"], GenerationStats("resa", "paper", [3], [1]))
+
+
+def test_chat_renders_the_whole_conversation_each_turn(monkeypatch, capsys):
+    import resa.engine
+
+    engine = ChatEngine()
+    monkeypatch.setattr(resa.engine.Engine, "load", staticmethod(lambda *a, **k: engine))
+    code, out, err = run_cli(["chat", "--system", "be brief"], b"hello\n\nagain\n/reset\nnew\n", monkeypatch, capsys)
+    assert code == 0 and out == "R1\nR2\nR3\n"
+    assert engine.prompts == ["system:be brief|user:hello",
+                              "system:be brief|user:hello|assistant:R1|user:again",
+                              "system:be brief|user:new"]
+    assert err.count("finish=eos]") == 3
+    monkeypatch.setattr(resa.engine.Engine, "load", staticmethod(lambda *a, **k: ChatEngine(template=None)))
+    code, out, err = run_cli(["chat"], b"hello\n", monkeypatch, capsys)
+    assert code == 2 and "no chat template" in err and "Traceback" not in err
