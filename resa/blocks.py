@@ -36,6 +36,12 @@ def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"") -> l
     return out
 
 
+def shareable_blocks(num_tokens: int, block_size: int) -> int:
+    """How many leading full blocks of a prompt of `num_tokens` may come from the prefix cache:
+    all but the block of its last token, which is always computed (its logits are needed)."""
+    return (num_tokens - 1) // block_size
+
+
 class BlockAllocator:
     """Physical block ids 0 .. num_blocks - 1: who holds them and which hold a cached prefix."""
 
@@ -45,7 +51,6 @@ class BlockAllocator:
         self.hash_of: list[bytes | None] = []
         self._free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[bytes, int] = {}
-        self.hits = 0  # blocks handed out by `lookup` since creation
         self.grow(num_blocks, order)
 
     # ---- size ----
@@ -146,7 +151,6 @@ class BlockAllocator:
                 del self._free[block]
             self.refs[block] += 1
             out.append(block)
-        self.hits += len(out)
         return out
 
     def register(self, blocks: Sequence[int], hashes: Sequence[bytes]) -> None:

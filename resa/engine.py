@@ -9,13 +9,13 @@ from typing import Callable, Sequence
 import torch
 
 from . import validate
-from .blocks import CacheTooLargeError, block_hashes
+from .blocks import CacheTooLargeError, block_hashes, shareable_blocks
 from .cache import KVCache
 from .config import ResaConfig
 from .errors import UsageError
 from .generate import Collector, GenerationStats, decode, wall_clock
 from .model import Transformer
-from .pool import KVPool
+from .pool import KVPool, free_gpu_bytes
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
 
@@ -143,9 +143,8 @@ class Engine:
         if self.kv_cache_gib is not None:
             return int(self.kv_cache_gib * 2**30)
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # Memory torch's allocator holds but no tensor uses is free for the pool too.
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            total = torch.cuda.mem_get_info(self.device)[1]
+            free = free_gpu_bytes(self.device)
             return max(0, int(self.gpu_memory_utilization * total) - (total - free) - ACTIVATION_RESERVE_BYTES)
         import os
 
@@ -161,6 +160,9 @@ class Engine:
                 f"the KV cache for batch {batch} x {capacity} tokens needs {need * pool.block_bytes / 2**30:.1f} "
                 f"GiB but the pool has {pool.available() * pool.block_bytes / 2**30:.1f} GiB free; use fewer "
                 "prompts, shorter prompts or fewer new tokens")
+        return self._runner(pool, batch, capacity)
+
+    def _runner(self, pool: KVPool, batch: int, capacity: int) -> Runner:
         return Runner(self.model, KVCache(pool, batch, capacity), cuda_graphs=self.cuda_graphs)
 
     def release_buffers(self) -> None:
@@ -182,7 +184,7 @@ class Engine:
         no KV memory.
         """
         if not self.reuse_buffers or keep:
-            return Runner(self.model, KVCache(self.kv_pool(block_size), batch, need), cuda_graphs=self.cuda_graphs)
+            return self._runner(self.kv_pool(block_size), batch, need)
         rows = 1 << (batch - 1).bit_length()
         pooled = self._pooled
         if pooled is not None and pooled.batch == rows and pooled.capacity >= need \
@@ -191,7 +193,7 @@ class Engine:
             return pooled
         self._pooled = None
         capacity = max(need, min(-(-need // 4096) * 4096, self.context_length))
-        runner = Runner(self.model, KVCache(self.kv_pool(block_size), rows, capacity), cuda_graphs=self.cuda_graphs)
+        runner = self._runner(self.kv_pool(block_size), rows, capacity)
         self._pooled = runner
         return runner
 
@@ -299,7 +301,7 @@ class Engine:
         need = sum(cache.blocks_for(len(r) + max_new_tokens) for r in rows)
         if need > pool.available() and self.prefix_caching:
             bs = cache.block_size
-            need -= pool.allocator.blocks_saved([block_hashes(r, bs)[:(len(r) - 1) // bs] for r in rows])
+            need -= pool.allocator.blocks_saved([block_hashes(r, bs)[:shareable_blocks(len(r), bs)] for r in rows])
         if need > pool.available():
             gib = pool.block_bytes / 2**30
             raise CacheTooLargeError(

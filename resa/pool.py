@@ -10,6 +10,13 @@ import torch
 from .blocks import BlockAllocator, CacheTooLargeError
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """GPU memory a new allocation can take: free on the device plus what torch's allocator holds
+    but no tensor uses."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+
+
 class KVPool:
     """The paged K/V storage of every layer: physical blocks of `block_size` tokens, their key
     summaries, and the allocator that hands them to rows (`resa.blocks.BlockAllocator`).
@@ -68,10 +75,6 @@ class KVPool:
         return self.bytes_per_block(self.num_layers, self.num_kv_heads, self.block_size, self.head_dim,
                                     self.k.element_size())
 
-    def bytes(self) -> int:
-        """Bytes held by K, V and the summaries."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
-
     def available(self) -> int:
         """Blocks `allocate` can still hand out: free now plus what growth may add."""
         if self.max_blocks is None:
@@ -104,8 +107,7 @@ class KVPool:
         size = min(limit, max(need, 2 * self.num_blocks))
         if self.device.type != "cuda" or self.allocator.num_held == 0:
             return size
-        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
-            - torch.cuda.memory_allocated(self.device)
+        free = free_gpu_bytes(self.device)
         if size * self.block_bytes > free:
             size = need
         if size * self.block_bytes > free:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import attention as attn
-from .blocks import block_hashes
+from .blocks import block_hashes, shareable_blocks
 from .cache import KVCache, Span
 from .config import ResaConfig
 
@@ -120,7 +120,7 @@ class Runner:
             # prefix take it in a later wave.
             wave, claimed = [], set()
             for b in pending:
-                usable = hashes[b][:(len(rows[b]) - 1) // bs]
+                usable = hashes[b][:shareable_blocks(len(rows[b]), bs)]
                 hit = alloc.cached_prefix(usable)
                 key = usable[hit] if hit < len(usable) else None
                 if key is None or key not in claimed:

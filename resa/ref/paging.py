@@ -47,9 +47,8 @@ def update_summaries_paged_ref(k_new: torch.Tensor, kmin: torch.Tensor, kmax: to
     rows = (positions >= 0).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return
-    pos = positions[rows].to(torch.int64)
-    phys = pages[rows, pos // block_size].long()
-    fresh = (pos % block_size == 0)[:, None, None]
+    phys, off = token_slots(pages, rows, positions[rows].to(torch.int64), block_size)
+    fresh = (off == 0)[:, None, None]
     k_tok = k_new[rows].to(kmin.dtype)
     kmin[phys] = torch.where(fresh, k_tok, torch.minimum(kmin[phys], k_tok))
     kmax[phys] = torch.where(fresh, k_tok, torch.maximum(kmax[phys], k_tok))
