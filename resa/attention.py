@@ -72,7 +72,8 @@ def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tenso
     k_new, v_new: [B, HKV, T, D] (T = span.width; columns >= n_valid[b] are not written). The rows
     must hold the blocks the span writes (the runner allocates them). One appended token per row
     folds into its block summary incrementally; longer writes recompute exactly the blocks they
-    touch. A span that is not full needs its host mirrors.
+    touch. A ragged span without host mirrors writes its padding columns into the cache's sink
+    block (`KVCache.ensure_sink`).
     """
     k_l, v_l, pages = cache.k[layer], cache.v[layer], cache.pages
     B, _, T, _ = k_new.shape
@@ -84,9 +85,24 @@ def write_kv(cache: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tenso
             span.start_t[:, None] + torch.arange(T, device=dev)[None, :], bs))
         write_slots(k_l, slots, k_new.transpose(1, 2))
         write_slots(v_l, slots, v_new.transpose(1, 2))
+    elif not span.on_host:
+        # Ragged and device-only (a CUDA graph of a continuous batch): every column is written,
+        # the ones past a row's n_valid into the cache's sink block.
+        if cache.sink is None:
+            raise ValueError("a device-only ragged span writes its padding into the cache's sink block; call "
+                             "KVCache.ensure_sink() before the pass")
+
+        def ragged_slots():
+            cols = torch.arange(T, device=dev)[None, :]
+            valid = cols < span.n_valid_t[:, None]
+            phys, off = token_slots(pages, torch.arange(B, device=dev)[:, None].expand(B, T),
+                                    torch.where(valid, span.start_t[:, None] + cols, 0), bs)
+            return torch.where(valid, phys, cache.sink), torch.where(valid, off, 0)
+
+        slots = span.once("write_slots", ragged_slots)
+        write_slots(k_l, slots, k_new.transpose(1, 2))
+        write_slots(v_l, slots, v_new.transpose(1, 2))
     else:
-        if not span.on_host:
-            raise ValueError("a ragged span (not every row writes every column) needs host mirrors")
         r, t = span.once("write_cols", lambda: (torch.arange(T, device=dev)[None, :] < span.n_valid_t[:, None])
                          .nonzero(as_tuple=True))
         slots = span.once("write_slots", lambda: token_slots(pages, r, span.start_t[r] + t, bs))

@@ -66,9 +66,13 @@ class Span:
         )
 
     @classmethod
-    def on_device(cls, start_t: torch.Tensor, width: int) -> "Span":
-        """A full span of `width` columns per row from device-side starts only (graph-capturable)."""
-        return cls(start_t, torch.full_like(start_t, width), width, True)
+    def on_device(cls, start_t: torch.Tensor, width: int, n_valid_t: torch.Tensor | None = None) -> "Span":
+        """A span from device-side starts only (graph-capturable): full (`width` columns per row),
+        or ragged with device-side n_valid_t (rows of a continuous batch that sit a pass out get 0;
+        their writes go to the cache's sink block, see `KVCache.sink`)."""
+        if n_valid_t is None:
+            return cls(start_t, torch.full_like(start_t, width), width, True)
+        return cls(start_t, n_valid_t, width, False)
 
     @property
     def on_host(self) -> bool:
@@ -130,6 +134,7 @@ class KVCache:
         self.pages = torch.zeros(batch, self.max_blocks, dtype=torch.int32, device=pool.device)
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=pool.device)
         self._plans: dict[tuple[int, bool], PlanBuffers] = {}
+        self.sink: int | None = None  # see `ensure_sink`
 
     @classmethod
     def create(cls, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, block_size: int,
@@ -260,6 +265,14 @@ class KVCache:
         self.pages = pages
         self._plans.clear()
 
+    def ensure_sink(self) -> int:
+        """A block of the pool this cache holds for the writes of ragged device-only passes
+        (`Span.on_device` with n_valid_t): columns past a row's n_valid, which a CUDA graph cannot
+        skip, are written there and never read. Allocated on first use, returned with the cache."""
+        if self.sink is None:
+            self.sink = self.pool.allocate(1)[0]
+        return self.sink
+
     def _write_pages(self, updates: dict[tuple[int, int], int]) -> None:
         if updates:
             rows, cols = zip(*updates)
@@ -270,6 +283,9 @@ class KVCache:
     def __del__(self) -> None:
         try:
             self.release()
+            if self.sink is not None:
+                self.pool.allocator.release([self.sink])
+                self.sink = None
         except Exception:  # interpreter shutdown: the pool may already be gone
             pass
 

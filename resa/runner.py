@@ -35,6 +35,7 @@ class Runner:
         self.lengths: list[int] = cache.lengths.tolist()
         self.prefix_hits = 0  # prompt tokens taken from the prefix cache by `prefill`
         self._generation = cache.pool.generation
+        self._mask: torch.Tensor | None = None  # row mask of the masked passes' graphs
         use = (cuda_graphs and cache.device.type == "cuda" and getattr(model, "graph_safe", False)
                and attn.resolve_backend(model.backend, cache.device) == "triton")
         if use:
@@ -142,9 +143,14 @@ class Runner:
             pending = [b for b in pending if b not in done]
         return torch.stack(out)
 
-    def step(self, tokens: torch.Tensor, sparse: ResaConfig | None, observe: attn.QueryObserver | None = None) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, sparse: ResaConfig | None, observe: attn.QueryObserver | None = None,
+             active: Sequence[bool] | None = None) -> torch.Tensor:
         """Feed one token per row (tokens [B]) at the end of each row; sparse None attends densely,
-        a ReSA config block-sparsely (whatever its mode). Returns fp32 logits [B, V]."""
+        a ReSA config block-sparsely (whatever its mode). Returns fp32 logits [B, V].
+        active: only these rows take the step (a continuous batch: the others keep their cache
+        and length, and their logits mean nothing); None: every row."""
+        if active is not None:
+            return self._rows_pass(tokens.view(self.batch, 1), 0, active, sparse, observe)
         self._reserve(self.lengths, [n + 1 for n in self.lengths])
         tokens = tokens.to(self.device).view(self.batch)
         if self.graphs is not None and observe is None:
@@ -160,10 +166,13 @@ class Runner:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+    def window(self, tokens: torch.Tensor, overwrite: int, active: Sequence[bool] | None = None) -> torch.Tensor:
         """Dense pass over tokens [B, W] whose first `overwrite` entries are already the newest
         `overwrite` tokens of every row (their K/V is rewritten in every layer) and the rest are
-        appended. Returns fp32 logits [B, V] of the last position."""
+        appended. Returns fp32 logits [B, V] of the last position. active: only these rows take
+        the pass (see `step`)."""
+        if active is not None:
+            return self._rows_pass(tokens, overwrite, active, None, None)
         W = tokens.shape[1]
         start = [n - overwrite for n in self.lengths]
         if min(start) < 0:
@@ -181,6 +190,44 @@ class Runner:
             logits = self.model.run(tokens, self.cache, Span.make(start, [W] * self.batch, W, self.device), None, -1)
         self.lengths = [s + W for s in start]
         return logits
+
+    def _rows_pass(self, tokens: torch.Tensor, overwrite: int, active: Sequence[bool], sparse: ResaConfig | None,
+                   observe: attn.QueryObserver | None) -> torch.Tensor:
+        """A decode step (W = 1, overwrite 0, sparse or dense) or dense window of only the `active`
+        rows: each rewrites its newest `overwrite` tokens and appends the rest of tokens [B, W];
+        the other rows are untouched. Graphs replay it with a device-side row mask."""
+        active = [bool(a) for a in active]
+        if len(active) != self.batch or not any(active):
+            raise ValueError(f"active needs one flag per row ({self.batch}) and at least one True, got {active}")
+        W = tokens.shape[1]
+        start = [n - overwrite if a else n for n, a in zip(self.lengths, active)]
+        if min(start) < 0:
+            raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding {min(self.lengths)}")
+        n_valid = [W if a else 0 for a in active]
+        self._reserve(start, [s + n for s, n in zip(start, n_valid)])
+        tokens = tokens.to(self.device)
+        if self.graphs is not None and observe is None:
+            cache = self.cache
+            cache.ensure_sink()
+            mask = self._row_mask()
+            mask.copy_(torch.tensor(active, dtype=torch.int64), non_blocking=True)
+
+            def fn(tok: torch.Tensor) -> torch.Tensor:
+                span = Span.on_device(cache.lengths - overwrite * mask, W, mask * W)
+                return self.model.run(tok, cache, span, sparse, -1)
+
+            logits = self.graphs.run(("rows", W, overwrite, sparse), fn, tokens)
+        else:
+            span = Span.make(start, n_valid, W, self.device)
+            logits = self.model.run(tokens, self.cache, span, sparse, -1, observe)
+        self.lengths = [s + n for s, n in zip(start, n_valid)]
+        return logits
+
+    def _row_mask(self) -> torch.Tensor:
+        """The static [B] row-mask buffer the masked passes' graphs read."""
+        if self._mask is None:
+            self._mask = torch.zeros(self.batch, dtype=torch.int64, device=self.device)
+        return self._mask
 
     # ---- row state ----
 
