@@ -421,8 +421,8 @@ class Batcher:
                 st.rectifications += 1
                 self.counters.rectifications += 1
         for group, logits in outs:
-            for a in group:
-                self._emit(a, self._pick(a, logits[a.slot:a.slot + 1]))
+            for a, token in zip(group, self._pick_rows(group, logits)):
+                self._emit(a, token)
 
     def _tokens(self, group: list[_Live], take: Callable[[_Live], list[int]], width: int) -> torch.Tensor:
         tokens = torch.zeros(self.max_num_seqs, width, dtype=torch.int64)
@@ -438,6 +438,20 @@ class Batcher:
 
     def _pick(self, a: _Live, logits: torch.Tensor) -> int:
         return int(sample(logits, a.req.sampling, a.gen)[0])
+
+    def _pick_rows(self, group: list[_Live], logits: torch.Tensor) -> list[int]:
+        """The next token of each request of a pass from its row of logits [B, V]: greedy rows
+        in one argmax and one transfer, sampled rows each with their own generator."""
+        greedy = [i for i, a in enumerate(group) if a.req.sampling.greedy]
+        out = [0] * len(group)
+        if greedy:
+            rows = torch.tensor([group[i].slot for i in greedy], device=logits.device)
+            for i, tok in zip(greedy, logits[rows].argmax(-1).tolist()):
+                out[i] = tok
+        for i, a in enumerate(group):
+            if not a.req.sampling.greedy:
+                out[i] = self._pick(a, logits[a.slot:a.slot + 1])
+        return out
 
     def _emit(self, a: _Live, token: int) -> None:
         """Deliver one sampled token; finish the request at EOS, a stop string or max_tokens."""

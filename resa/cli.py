@@ -24,17 +24,19 @@ EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
     """The `bench` command. Its subcommands' arguments come from the benchmark modules, which
     load torch, so they are only built when `bench` is on the command line (full)."""
-    p = sub.add_parser("bench", help="speed benchmarks (GPU): kernels, e2e, paging")
+    p = sub.add_parser("bench", help="speed benchmarks (GPU): kernels, e2e, paging, serve")
     if not full:
         return
     bsub = p.add_subparsers(dest="bench", required=True)
     k = bsub.add_parser("kernels", help="selection + sparse attention vs SDPA dense decode, per layer")
     e = bsub.add_parser("e2e", help="end-to-end decode tokens/s: dense / sparse / ReSA vs transformers")
     pg = bsub.add_parser("paging", help="paged KV pool: concurrent requests that fit, prefix-cache time to first token")
+    sv = bsub.add_parser("serve", help="open-loop load (Poisson arrivals) against a running `resa serve`: TTFT, ITL")
     try:
         from .bench import e2e as e2e_mod
         from .bench import kernels as kernels_mod
         from .bench import paging as paging_mod
+        from .bench import serve as serve_mod
     except Exception as exc:  # noqa: BLE001 -- a broken benchmark module must not break `resa generate`
         reason = f"{type(exc).__name__}: {exc}"
 
@@ -42,7 +44,7 @@ def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
             raise ResaError(f"the benchmarks cannot be loaded ({reason}); reinstall resa with its GPU extra "
                             "(pip install -e '.[gpu]')")
 
-        for parser in (k, e, pg):
+        for parser in (k, e, pg, sv):
             parser.add_argument("rest", nargs=argparse.REMAINDER)
             parser.set_defaults(func=unavailable)
         return
@@ -65,6 +67,13 @@ def _add_bench(sub: argparse._SubParsersAction, full: bool = True) -> None:
 
     paging_mod.add_arguments(pg)
     pg.set_defaults(func=run_paging)
+
+    def run_serve(args: argparse.Namespace) -> int:
+        rep = serve_mod.run(args)
+        return 1 if rep["failed"] else 0
+
+    serve_mod.add_arguments(sv)
+    sv.set_defaults(func=run_serve)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
