@@ -171,6 +171,38 @@ def test_background_loop_serves_and_drains(engine):
 
 # ---- masked passes (what a continuous batch runs): device-only spans as CUDA graphs capture ----
 
+class _CallThrough:
+    """Stands in for `resa.graphs.GraphSet` on CPU: runs the pass a graph would capture (its
+    device-only span) every time, so the graph path of the runner runs without a GPU."""
+
+    capture_seconds = 0.0
+
+    def __init__(self) -> None:
+        self.keys: set = set()
+
+    def run(self, key, fn, tokens):
+        self.keys.add(key)
+        return fn(tokens)
+
+    def clear(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("variant", ["paper", "fused"])
+def test_graph_path_of_the_batch_equals_each_request_alone(engine, variant):
+    """The batcher's masked passes as CUDA graphs run them (device-side row mask and starts,
+    padding written to the sink block), on CPU: outputs equal each request alone."""
+    cfg = ResaConfig(**SMALL, rectify_variant=variant)
+    prompts = random_prompts([200, 9, 130, 60, 33], seed=11)
+    want = [_alone(engine, p, cfg) for p in prompts]
+    batcher = Batcher(engine, max_num_seqs=3, max_num_batched_tokens=80, block_size=4)
+    batcher.runner.graphs = graphs = _CallThrough()
+    requests = [Request(p, max_tokens=NEW, resa=cfg, eos_token_ids=[]) for p in prompts]
+    _staggered(batcher, requests, every=2)
+    assert [r.output_ids for r in requests] == want
+    assert {k[:3] for k in graphs.keys} >= {("rows", 1, 0)} and any(k[1] > 1 for k in graphs.keys)
+    assert batcher.runner.cache.sink is not None and batcher.blocks_in_use() == 0
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test (CPU tensors)")
 @pytest.mark.parametrize("backend,sparse", [("torch", True), ("torch", False), ("triton", True)])
 def test_masked_device_spans_equal_host_spans(backend, sparse):
