@@ -83,10 +83,12 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-             backend: str = "auto", cuda_graphs: bool = True, **engine_kwargs) -> "Engine":
+             backend: str = "auto", cuda_graphs: bool = True, progress: Callable[[int, int], None] | None = None,
+             **engine_kwargs) -> "Engine":
         """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct).
-        engine_kwargs: the KV pool settings of `Engine` (prefix_caching, gpu_memory_utilization,
-        kv_cache_gib)."""
+        progress(done, total): tensors converted so far, on a GGUF file's first load (its
+        conversion; later loads read the cached result). engine_kwargs: the KV pool settings of
+        `Engine` (prefix_caching, gpu_memory_utilization, kv_cache_gib)."""
         from .default_model import default_model_path
         from .loader import load_checkpoint
 
@@ -97,7 +99,7 @@ class Engine:
                              "prefix_caching, gpu_memory_utilization, kv_cache_gib (and reuse_buffers)")
         validate.check_pool_args(gpu_memory_utilization=engine_kwargs.get("gpu_memory_utilization", 0.9),
                                  kv_cache_gib=engine_kwargs.get("kv_cache_gib"))
-        ckpt = load_checkpoint(path if path is not None else default_model_path())
+        ckpt = load_checkpoint(path if path is not None else default_model_path(), progress)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         with torch.device("meta"):

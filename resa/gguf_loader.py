@@ -17,7 +17,7 @@ import mmap
 import re
 import struct
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ class _Pending(NamedTuple):
     tensor: Any  # _TensorInfo
 
 
-def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """Config, HF-named tensors and tokenizer of a GGUF file (no caching; see resa.loader).
+    progress(done, total): called after each tensor is dequantized.
 
     Raises LoaderError for unreadable/truncated files and unsupported contents, UnsupportedModelError for
     architectures resa cannot run.
@@ -67,7 +69,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         tokenizer = Tokenizer.from_gguf(reader)
     except LoaderError as exc:
         raise LoaderError(f"{path}: {exc}") from exc
-    return cfg, gguf_tensors(reader, cfg, str(path)), tokenizer
+    return cfg, gguf_tensors(reader, cfg, str(path), progress), tokenizer
 
 
 def open_gguf(path: str | Path) -> "GGUFFile":
@@ -247,7 +249,8 @@ def _model_config(reader: Any, arch: str, names: dict, hidden: int, heads: int, 
     )
 
 
-def gguf_tensors(reader: Any, cfg: ModelConfig, source: str = "GGUF file") -> dict[str, torch.Tensor]:
+def gguf_tensors(reader: Any, cfg: ModelConfig, source: str = "GGUF file",
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under its HF name (validated by `check_tensors` before dequantizing).
 
     Returns fp32 for quantized tensors, the stored dtype for F32/F16/BF16; shapes in torch order
@@ -260,7 +263,11 @@ def gguf_tensors(reader: Any, cfg: ModelConfig, source: str = "GGUF file") -> di
             continue
         pending[hf_tensor_name(t.name)] = _Pending(tuple(int(n) for n in reversed(t.shape)), t)
     pending = check_tensors(cfg, pending, source)
-    arrays = {name: _dequantize(p.tensor, p.shape) for name, p in pending.items()}
+    arrays = {}
+    for name, p in pending.items():
+        arrays[name] = _dequantize(p.tensor, p.shape)
+        if progress is not None:
+            progress(len(arrays), len(pending))
     check_finite(arrays, source, labels={name: p.tensor.name for name, p in pending.items()})
     if arch in _PERMUTED_ARCHS:
         for name, w in arrays.items():

@@ -22,6 +22,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,9 +67,10 @@ class Checkpoint:
         return self.tokenizer
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, progress: Callable[[int, int], None] | None = None) -> Checkpoint:
     """Load an HF folder (config.json + model.safetensors or sharded model-0000X-of-0000N.safetensors
-    with model.safetensors.index.json, + tokenizer.json) or a `.gguf` file."""
+    with model.safetensors.index.json, + tokenizer.json) or a `.gguf` file. progress(done, total):
+    called per tensor while a GGUF file is converted (the first load; later ones read the cache)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise LoaderError(f"{p} does not exist; pass a Hugging Face model folder (config.json + "
@@ -76,7 +78,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_file():
         if not _is_gguf(p):
             raise LoaderError(f"{p} is not a GGUF file; for a Hugging Face checkpoint pass its folder")
-        cfg, tensors, tokenizer = _load_gguf_cached(p)
+        cfg, tensors, tokenizer = _load_gguf_cached(p, progress)
     else:
         cfg, tensors, tokenizer = _load_hf_folder(p)
     if tokenizer is not None:
@@ -199,7 +201,8 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_gguf_cached(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _load_gguf_cached(path: Path, progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """`load_gguf` through the conversion cache. Dequantizing the 135M default model takes ~1.5 s
     on 2 CPU cores (Qwen2.5-0.5B ~10 s); reading the cached fp32 result back takes ~0.2 s (its
     checksum ~0.15 s more). The cache is only an accelerator: it is rebuilt from the GGUF alone
@@ -211,7 +214,7 @@ def _load_gguf_cached(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
         hit = _read_cache(cache, path)
         if hit is not None:
             return hit
-    cfg, tensors, tokenizer = load_gguf(path)
+    cfg, tensors, tokenizer = load_gguf(path, progress)
     if cache is not None:
         _write_cache(cache, path, cfg, tensors, tokenizer)
     return cfg, tensors, tokenizer

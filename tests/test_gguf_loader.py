@@ -51,6 +51,18 @@ def test_round_trip_exact(tmp_path, arch, tied):
         assert torch.equal(ck.tensors[name], t), name
 
 
+def test_conversion_reports_progress_once_per_tensor_and_not_from_the_cache(tmp_path):
+    cfg = tiny_config("llama")
+    tensors = random_tensors(cfg, seed=3)
+    path = write_gguf(tmp_path / "m.gguf", cfg, tensors)
+    calls = []
+    load_checkpoint(path, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, len(tensors)) for i in range(1, len(tensors) + 1)]
+    calls.clear()
+    load_checkpoint(path, progress=lambda done, total: calls.append((done, total)))  # the cached conversion
+    assert calls == []
+
+
 def test_llama_file_really_is_permuted(tmp_path):
     """Guards the test itself: what the file holds differs from the HF weights until un-permuted."""
     cfg = tiny_config("llama")

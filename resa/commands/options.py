@@ -96,7 +96,7 @@ def load_engine(args: argparse.Namespace):
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
     engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs,
                          prefix_caching=args.prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
-                         kv_cache_gib=args.kv_cache_gib)
+                         kv_cache_gib=args.kv_cache_gib, progress=progress_line("converting the GGUF file", "tensors", args))
     if engine.tokenizer is None:
         raise no_tokenizer(args.model)
     if args.compile:
@@ -122,14 +122,21 @@ def no_tokenizer(model: str | None) -> UsageError:
                       "generate_ids with token ids")
 
 
-def prefill_bar(args: argparse.Namespace):
-    """A progress line on stderr (a terminal only) for prefills of more than 4 chunks."""
-    if args.quiet or not sys.stderr.isatty():
+def progress_line(what: str, unit: str, args: argparse.Namespace, min_total: int = 0):
+    """A progress(done, total) callback that keeps one line on stderr up to date (a terminal only,
+    and only for totals above min_total); None when there is nothing to show."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
         return None
 
     def show(done: int, total: int) -> None:
-        if total > 4 * args.prefill_chunk:
-            end = "\r" if done < total else "\r" + " " * 40 + "\r"
-            print(f"\rprefill {done}/{total} tokens ({100 * done // total}%)", end=end, file=sys.stderr, flush=True)
+        if total > min_total:
+            line = f"\r{what} {done}/{total} {unit} ({100 * done // total}%)"
+            end = "\r" if done < total else "\r" + " " * (len(line) - 1) + "\r"
+            print(line, end=end, file=sys.stderr, flush=True)
 
     return show
+
+
+def prefill_bar(args: argparse.Namespace):
+    """A progress line on stderr (a terminal only) for prefills of more than 4 chunks."""
+    return progress_line("prefill", "tokens", args, 4 * args.prefill_chunk)
