@@ -1,4 +1,4 @@
-"""Command line: `resa generate | chat | bench | eval`. Parses arguments and calls the library
+"""Command line: `resa generate | chat | serve | bench | eval`. Parses arguments and calls the library
 (the commands live in `resa.commands`, the evaluations in `resa.eval.cli`).
 
 Every command runs inside one error boundary (`run_guarded`): resa's own errors, unreadable
@@ -17,6 +17,7 @@ from typing import Callable
 
 from .commands import chat as chat_command
 from .commands import generate as generate_command
+from .commands import serve as serve_command
 from .errors import ResaError
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
@@ -96,6 +97,7 @@ def build_parser(bench: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate_command.add(sub)
     chat_command.add(sub)
+    serve_command.add(sub)
     _add_bench(sub, bench)
     _add_eval(sub)
     return parser
