@@ -356,6 +356,9 @@ class Batcher:
         for a in order:
             if budget <= 0:
                 break
+            # Older prompts went first: blocks of a shared prefix one of them just computed are
+            # taken, not computed again (prompts that arrive together leapfrog through it).
+            self._take_cached(a)
             prompt = a.req.prompt_ids
             n = min(len(prompt) - a.computed, budget)
             budget -= n
@@ -367,6 +370,22 @@ class Batcher:
             if a.computed == len(prompt):
                 self._to_slot(a)
                 self._emit(a, self._pick(a, logits[0:1]))
+
+    def _take_cached(self, a: _Live) -> None:
+        """Take the blocks of a's prompt that other prompts cached since it was admitted (while
+        a's prefill stands at a block boundary)."""
+        bs = self.block_size
+        k, usable = a.computed // bs, shareable_blocks(len(a.req.prompt_ids), bs)
+        if not a.hashes or a.computed % bs or k >= usable:
+            return
+        taken = self.pool.allocator.lookup(a.hashes[k:usable])
+        if taken:
+            a.prefill.cache.attach(0, taken)
+            a.computed += len(taken) * bs
+            a.prefill.lengths = [a.computed]
+            a.prefill.cache.lengths.fill_(a.computed)
+            a.req.stats.cached_tokens += len(taken) * bs
+            self.counters.prefix_cache_hit_tokens += len(taken) * bs
 
     def _to_slot(self, a: _Live) -> None:
         """Move a prefilled prompt's blocks into its row of the decode runner (no copy)."""

@@ -220,13 +220,13 @@ class KVCache:
         return new
 
     def attach(self, row: int, blocks: Sequence[int]) -> None:
-        """Give an empty row `blocks` (already referenced for it, e.g. by a prefix-cache lookup)."""
-        if self.blocks[row]:
-            raise ValueError(f"row {row} already holds blocks")
-        if len(blocks) > self.max_blocks:
-            raise ValueError(f"{len(blocks)} blocks exceed the row's {self.max_blocks}")
-        self.blocks[row] = list(blocks)
-        self._write_pages({(row, j): blk for j, blk in enumerate(blocks)})
+        """Give row `blocks` (already referenced for it, e.g. by a prefix-cache lookup) after the
+        blocks it holds, which must all be full."""
+        held = self.blocks[row]
+        if len(held) + len(blocks) > self.max_blocks:
+            raise ValueError(f"{len(held) + len(blocks)} blocks exceed the row's {self.max_blocks}")
+        self._write_pages({(row, j): blk for j, blk in enumerate(blocks, start=len(held))})
+        held.extend(blocks)
 
     def shrink(self, row: int, length: int) -> None:
         """Keep only the blocks row `row` needs for `length` tokens; the block holding a partial

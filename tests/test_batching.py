@@ -73,6 +73,22 @@ def test_requests_due_together_share_one_window_pass(engine):
     assert c.rectifications == 3 * c.rectification_passes >= 6
 
 
+def test_a_shared_prefix_arriving_together_is_computed_once(engine):
+    """Four prompts that share a 200-token prefix nothing has cached yet, submitted at once, with
+    a prefill budget far below the prefix: one computes each of its blocks, the others wait and
+    take them; outputs as alone."""
+    cfg = ResaConfig(**SMALL)
+    prefix = random_prompts([200], seed=12)[0]
+    prompts = [prefix + tail for tail in random_prompts([5, 30, 1, 17], seed=13)]
+    want = [_alone(engine, p, cfg) for p in prompts]
+    batcher = Batcher(Engine(engine.model), max_num_seqs=4, max_num_batched_tokens=48, block_size=4)
+    requests = [Request(p, max_tokens=NEW, resa=cfg, eos_token_ids=[]) for p in prompts]
+    _staggered(batcher, requests, every=0)
+    assert [r.output_ids for r in requests] == want
+    assert [r.stats.cached_tokens for r in requests] == [0, 200, 200, 200]
+    assert batcher.counters.prefix_cache_hit_tokens == 600
+
+
 def test_seeded_sampling_equals_each_request_alone(engine):
     cfg = ResaConfig(**SMALL)
     prompts = random_prompts([150, 20, 77, 5], seed=8)

@@ -87,11 +87,11 @@ def test_rectify_overwrite_refreshes_only_touched_blocks(backend):
     assert torch.isnan(cache.k[:, _unheld(cache)]).all()
 
 
-def test_ragged_span_without_host_mirror_is_refused():
+def test_device_only_ragged_span_without_a_sink_block_is_refused():
     cache = _cache(2, 10)
     ragged = Span.make([0, 0], [3, 1], 3, "cpu")
-    device_only = Span(ragged.start_t, ragged.n_valid_t, 3, False)
-    with pytest.raises(ValueError, match="host mirrors"):
+    device_only = Span.on_device(ragged.start_t, 3, ragged.n_valid_t)
+    with pytest.raises(ValueError, match="ensure_sink"):
         attn.write_kv(cache, 0, torch.randn(2, HKV, 3, D), torch.randn(2, HKV, 3, D), device_only, "torch")
 
 
