@@ -135,6 +135,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=pool.device)
         self._plans: dict[tuple[int, bool], PlanBuffers] = {}
         self.sink: int | None = None  # see `ensure_sink`
+        self._is_view = False  # see `rows_view`
 
     @classmethod
     def create(cls, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int, block_size: int,
@@ -265,6 +266,19 @@ class KVCache:
         self.pages = pages
         self._plans.clear()
 
+    def rows_view(self, rows: Sequence[int]) -> "KVCache":
+        """A cache of just `rows` (in that order) over the same pool and blocks, for an eager pass
+        of a few rows of a large batch: the view's table and lengths are copies (copy its lengths
+        back after the pass); its blocks stay this cache's (the view never allocates or releases
+        any, so reserve on this cache first)."""
+        view = KVCache.__new__(KVCache)
+        idx = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+        view.pool, view.block_size, view.capacity, view.max_blocks = self.pool, self.block_size, self.capacity, self.max_blocks
+        view.blocks = [self.blocks[b] for b in rows]
+        view.pages, view.lengths = self.pages[idx], self.lengths[idx]
+        view._plans, view.sink, view._is_view = {}, None, True
+        return view
+
     def ensure_sink(self) -> int:
         """A block of the pool this cache holds for the writes of ragged device-only passes
         (`Span.on_device` with n_valid_t): columns past a row's n_valid, which a CUDA graph cannot
@@ -281,6 +295,8 @@ class KVCache:
                 torch.tensor(list(updates.values()), dtype=torch.int32, device=dev)
 
     def __del__(self) -> None:
+        if getattr(self, "_is_view", True):
+            return  # a rows_view holds nothing of its own
         try:
             self.release()
             if self.sink is not None:

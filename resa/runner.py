@@ -218,8 +218,16 @@ class Runner:
 
             logits = self.graphs.run(("rows", W, overwrite, sparse), fn, tokens)
         else:
-            span = Span.make(start, n_valid, W, self.device)
-            logits = self.model.run(tokens, self.cache, span, sparse, -1, observe)
+            # Eagerly only the active rows run (through a view of them): on a CPU, or wherever a
+            # pass is compute-bound, rows that sit it out cost nothing.
+            rows = [b for b, a in enumerate(active) if a]
+            view = self.cache.rows_view(rows)
+            span = Span.make([start[b] for b in rows], [W] * len(rows), W, self.device)
+            part = self.model.run(tokens[rows], view, span, sparse, -1, observe)
+            idx = torch.tensor(rows, device=self.device)
+            self.cache.lengths[idx] = view.lengths
+            logits = part.new_zeros(self.batch, part.shape[1])
+            logits[idx] = part
         self.lengths = [s + n for s, n in zip(start, n_valid)]
         return logits
 
