@@ -525,7 +525,8 @@ def test_cli_json_prints_one_object_per_prompt(monkeypatch, capsys):
 def test_help_does_not_import_torch():
     """`resa --help` and `resa generate --help` answer at once: nothing on that path loads torch
     (the benchmark subcommands, whose modules do, are built only for `resa bench`)."""
-    for argv in (["--help"], ["generate", "--help"], ["chat", "--help"], ["eval", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["chat", "--help"], ["serve", "--help"],
+                 ["eval", "--help"]):
         code = ("import sys, runpy; sys.argv = ['resa'] + %r\n"
                 "try:\n    runpy.run_module('resa', run_name='__main__')\n"
                 "except SystemExit:\n    pass\n"

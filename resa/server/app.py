@@ -336,7 +336,9 @@ class _Server:
         except (PromptTooLongError, CacheTooLargeError) as exc:
             raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from None
         except UsageError as exc:
-            raise ApiError(400, str(exc)) from None
+            first = str(exc).split(" ", 1)[0]
+            param = "prompt" if first.startswith("prompt") else "stop" if first.startswith("stop") else None
+            raise ApiError(400, str(exc), param=param) from None
 
     # ---- one request ----
 
