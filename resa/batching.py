@@ -236,8 +236,8 @@ class Batcher:
                 f"the prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) = {total} tokens exceeds the "
                 f"maximum of {self.max_model_len}; shorten the prompt or lower max_tokens")
         need = -(-total // self.block_size)
-        limit = self.pool.available() + self.pool.allocator.num_held if self.pool.max_blocks is not None else None
-        if limit is not None and need > limit:
+        limit = self.pool.max_blocks
+        if limit is not None and need > limit - 1:  # one block may be the decode runner's sink
             raise CacheTooLargeError(
                 f"the request needs {need * self.pool.block_bytes / 2**30:.2f} GiB of KV blocks, more than the whole "
                 f"pool ({limit * self.pool.block_bytes / 2**30:.2f} GiB); shorten the prompt or lower max_tokens")

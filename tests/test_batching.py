@@ -229,14 +229,15 @@ def test_masked_device_spans_equal_host_spans(backend, sparse):
     model.backend = backend
     engine = Engine(model)
     cfg = ResaConfig(block_size=16, min_blocks=2, active_ratio=0.3) if sparse else None
-    prompts = random_prompts([150, 140, 129], seed=6)  # > 128: the prefill runs through SDPA (fast)
-    host, dev = engine.open(3, 200, 16), engine.open(3, 200, 16)
+    # > 128: the prefill runs through SDPA (fast); row 3 stays empty (an idle slot) throughout
+    prompts = random_prompts([150, 140, 129], seed=6) + [[]]
+    host, dev = engine.open(4, 200, 16), engine.open(4, 200, 16)
     logits = host.extend(prompts, 256)
     dev.extend(prompts, 256)
     dev.cache.ensure_sink()
     tok = logits.argmax(-1)
-    passes = [([True, False, True], 1, 0), ([False, True, False], 1, 0), ([True, True, False], 2, 1),
-              ([False, False, True], 3, 3)]
+    passes = [([True, False, True, False], 1, 0), ([False, True, False, False], 1, 0),
+              ([True, True, False, False], 2, 1), ([False, False, True, False], 3, 3)]
     for active, W, overwrite in passes:
         mask = torch.tensor(active, dtype=torch.int64)
         start = [n - overwrite if a else n for n, a in zip(host.lengths, active)]
@@ -244,7 +245,7 @@ def test_masked_device_spans_equal_host_spans(backend, sparse):
         for r in (host, dev):
             r.cache.reserve(start, [s + n for s, n in zip(start, n_valid)])
         before = {b: dev.cache.row(b, n) for b, n in enumerate(dev.lengths) if not active[b]}
-        window = tok[:, None].expand(3, W).contiguous()
+        window = tok[:, None].expand(4, W).contiguous()
         step_cfg = cfg if W == 1 else None
         a = model.run(window, host.cache, Span.make(start, n_valid, W, "cpu"), step_cfg)
         b = model.run(window, dev.cache, Span.on_device(dev.cache.lengths - overwrite * mask, W, mask * W), step_cfg)
