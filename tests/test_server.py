@@ -58,7 +58,7 @@ def served():
     refs = {}
     for p in GREEDY_PROMPTS:
         ids = tok.encode(p)
-        out = engine.generate_ids([ids], max_new_tokens=12, sampling=SamplingConfig(), resa=ResaConfig())
+        out = engine.generate_ids([ids], max_new_tokens=8, sampling=SamplingConfig(), resa=ResaConfig())
         refs[p] = (ids, out.token_ids[0])
     settings = ServerSettings(model_names=[NAME, "alias"], api_key=KEY, max_body_bytes=BODY_LIMIT, max_num_seqs=16,
                               max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512, max_tokens=16)
@@ -113,15 +113,15 @@ def test_completion_greedy_matches_the_engine_and_usage_counts_tokens(served):
     client, tok = served["client"], served["tok"]
     prompt = GREEDY_PROMPTS[0]
     ids, ref = served["refs"][prompt]
-    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
     assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
     assert r.choices[0].text == tok.decode(ref)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
     assert r.usage.total_tokens == len(ids) + len(ref)
-    assert r.choices[0].finish_reason == ("length" if len(ref) == 12 else "stop")
+    assert r.choices[0].finish_reason == ("length" if len(ref) == 8 else "stop")
     assert set(r.resa) >= {"kv_read_fraction", "rectifications", "cached_tokens"}
     # Token ids as the prompt, and the model's other name.
-    r2 = client.completions.create(model="alias", prompt=ids, max_tokens=12, temperature=0)
+    r2 = client.completions.create(model="alias", prompt=ids, max_tokens=8, temperature=0)
     assert r2.choices[0].text == r.choices[0].text and r2.model == "alias"
 
 
@@ -148,8 +148,8 @@ def test_chat_streaming_and_not_agree_and_usage_counts_template_tokens(served):
 def test_completion_stream_equals_non_stream(served):
     client = served["client"]
     prompt = GREEDY_PROMPTS[3]
-    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
-    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True))
     text, finals = stream_text(chunks, chat=False)
     assert text == r.choices[0].text
     assert finals[-1].choices[0].finish_reason == r.choices[0].finish_reason
@@ -178,7 +178,7 @@ def test_concurrent_greedy_requests_equal_engine_outputs(served):
     client, tok = served["client"], served["tok"]
 
     def one(prompt):
-        return client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        return client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
 
     with ThreadPoolExecutor(len(GREEDY_PROMPTS)) as ex:
         results = list(ex.map(one, GREEDY_PROMPTS))
@@ -191,12 +191,14 @@ def test_concurrent_greedy_requests_equal_engine_outputs(served):
 # ---- load ---------------------------------------------------------------------------------------
 
 def test_load_64_streams_from_16_clients(served):
-    """Every request completes, each stream's text equals the non-streamed text of the same seed,
-    the metrics add up and every block is back in the pool."""
+    """Every request completes; a stream's text equals the non-streamed text of the same seed and
+    prompt (checked for one request in four, each client's first: every prompt costs the CPU a
+    prefill pass of its own); the metrics add up and every block is back in the pool."""
     client, base, batcher = served["client"], served["base"], served["batcher"]
     wait_until(lambda: idle(batcher), what="an idle batcher")
     tokens0 = metric(base, "resa_generation_tokens_total")
     prompt0 = metric(base, "resa_prompt_tokens_total")
+    ttft0 = metric(base, "resa_time_to_first_token_seconds_count")
     prompts = [f"Story {i}: once upon a time" + " and then" * (i % 5) for i in range(64)]
     n = 6
 
@@ -204,28 +206,31 @@ def test_load_64_streams_from_16_clients(served):
         chunks = list(client.completions.create(model=NAME, prompt=prompts[i], max_tokens=n, temperature=0.9,
                                                 seed=1000 + i, stream=True, stream_options={"include_usage": True}))
         text, finals = stream_text(chunks, chat=False)
-        assert len(finals) == 1, i
+        assert len(finals) == 1 and chunks[-1].choices == [], i
         return text, finals[0].choices[0].finish_reason, chunks[-1].usage
 
     def plain(i):
         r = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=n, temperature=0.9, seed=1000 + i)
         return r.choices[0].text, r.choices[0].finish_reason, r.usage
 
+    twins = range(0, 64, 4)
     with ThreadPoolExecutor(16) as ex:
         streams = list(ex.map(streamed, range(64)))
-        plains = list(ex.map(plain, range(64)))
-    for i, (s, p) in enumerate(zip(streams, plains)):
-        assert s[0] == p[0], (i, s[0], p[0])
-        assert s[1] == p[1] and s[1] in ("stop", "length")
-        assert s[2].completion_tokens == p[2].completion_tokens <= n
-    assert any(s[0] != streams[0][0] for s in streams)  # sampling really differs between seeds
-    completion = sum(s[2].completion_tokens + p[2].completion_tokens for s, p in zip(streams, plains))
-    prompt = sum(s[2].prompt_tokens + p[2].prompt_tokens for s, p in zip(streams, plains))
+        plains = dict(zip(twins, ex.map(plain, twins)))
+    for i, s in enumerate(streams):
+        assert s[1] in ("stop", "length") and 1 <= s[2].completion_tokens <= n, (i, s)
+        assert s[1] == "stop" or s[2].completion_tokens == n, (i, s)
+        if i in plains:
+            p = plains[i]
+            assert s[0] == p[0], (i, s[0], p[0])
+            assert s[1] == p[1] and s[2].completion_tokens == p[2].completion_tokens, i
+    assert len({s[0] for s in streams}) > 32  # sampling really differs between seeds
+    answered = [s[2] for s in streams] + [p[2] for p in plains.values()]
     wait_until(lambda: idle(batcher), what="every block back in the pool")
-    assert metric(base, "resa_generation_tokens_total") - tokens0 == completion
-    assert metric(base, "resa_prompt_tokens_total") - prompt0 == prompt
+    assert metric(base, "resa_generation_tokens_total") - tokens0 == sum(u.completion_tokens for u in answered)
+    assert metric(base, "resa_prompt_tokens_total") - prompt0 == sum(u.prompt_tokens for u in answered)
+    assert metric(base, "resa_time_to_first_token_seconds_count") - ttft0 == len(answered)
     assert metric(base, "resa_num_requests_running") == 0 and metric(base, "resa_kv_blocks_in_use") == 0
-    assert metric(base, "resa_time_to_first_token_seconds_count") >= 128
 
 
 # ---- bad input ----------------------------------------------------------------------------------
