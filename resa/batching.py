@@ -38,8 +38,9 @@ import torch
 from . import validate
 from .blocks import CacheTooLargeError, block_hashes, shareable_blocks
 from .config import ResaConfig
-from .cost import step_reads
+from .cost import feed_reads
 from .errors import UsageError
+from .generate import feed_rows
 from .rectify import schedule
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
@@ -397,63 +398,38 @@ class Batcher:
         a.prefill = None
 
     def _decode(self) -> None:
-        rows = [a for a in self.slots if a is not None and a.decoding]
-        if not rows:
+        live = {a.slot: a for a in self.slots if a is not None and a.decoding}
+        if not live:
             return
         r = self.runner
-        rewrite: dict[int, list[_Live]] = {}
-        windows: dict[int, list[_Live]] = {}
-        steps: dict[ResaConfig | None, list[_Live]] = {}
-        before = {a.slot: r.lengths[a.slot] for a in rows}
-        feeds = {}
-        for a in rows:
-            t = len(a.generated) - 1
-            feed = feeds[a.slot] = schedule(t, a.req.resa, before[a.slot])
-            if feed.rewrite_before:
-                rewrite.setdefault(feed.rewrite_before, []).append(a)
-            if feed.window:
-                windows.setdefault(feed.window, []).append(a)
-            else:
-                steps.setdefault(_selection(a.req.resa) if feed.sparse else None, []).append(a)
-        for f, group in rewrite.items():  # paper: re-encode the last f tokens first
-            r.window(self._tokens(group, lambda a: a.generated[-1 - f:-1], f), f, self._mask(group))
-            self.counters.rectification_passes += 1
-        outs: list[tuple[list[_Live], torch.Tensor]] = []
-        for w, group in windows.items():  # fused: the window pass feeds the newest token
-            outs.append((group, r.window(self._tokens(group, lambda a: a.generated[-w:], w), w - 1, self._mask(group))))
-            self.counters.rectification_passes += 1
-        for sparse, group in steps.items():
-            tokens = self._tokens(group, lambda a: a.generated[-1:], 1)[:, 0]
-            outs.append((group, r.step(tokens, sparse, active=self._mask(group))))
-        for a in rows:
-            st, feed, n0, n1 = a.req.stats, feeds[a.slot], before[a.slot], r.lengths[a.slot]
+        before = {b: r.lengths[b] for b in live}
+        feeds = {b: (schedule(len(a.generated) - 1, a.req.resa, before[b]), a.req.resa) for b, a in live.items()}
+
+        def tokens(rows: list[int], lo: int, hi: int) -> torch.Tensor:
+            out = torch.zeros(self.max_num_seqs, hi - lo, dtype=torch.int64)
+            for b in rows:
+                g = live[b].generated
+                out[b] = torch.tensor(g[len(g) + lo:len(g) + hi], dtype=torch.int64)
+            return out
+
+        outs = feed_rows(r, feeds, tokens)
+        windows = {(f.rewrite_before or f.window, f.rewrite_before > 0) for f, _ in feeds.values() if f.rectifies}
+        self.counters.rectification_passes += len(windows)
+        for b, a in live.items():
+            st, (feed, resa) = a.req.stats, feeds[b]
+            read = feed_reads(feed, before[b], r.lengths[b], resa)
             st.decode_steps += 1
-            st.kv_tokens_dense += n1
-            if feed.window or not feed.sparse:
-                read = n1
-            else:
-                read = step_reads(n1, a.req.resa) + (n0 if feed.rewrite_before else 0)
+            st.kv_tokens_dense += r.lengths[b]
             st.kv_tokens_read += read
             self.counters.kv_tokens_read += read
-            self.counters.kv_tokens_dense += n1
+            self.counters.kv_tokens_dense += r.lengths[b]
             if feed.rectifies:
                 st.rectifications += 1
                 self.counters.rectifications += 1
-        for group, logits in outs:
+        for rows, logits in outs:
+            group = [live[b] for b in rows]
             for a, token in zip(group, self._pick_rows(group, logits)):
                 self._emit(a, token)
-
-    def _tokens(self, group: list[_Live], take: Callable[[_Live], list[int]], width: int) -> torch.Tensor:
-        tokens = torch.zeros(self.max_num_seqs, width, dtype=torch.int64)
-        for a in group:
-            tokens[a.slot] = torch.tensor(take(a), dtype=torch.int64)
-        return tokens
-
-    def _mask(self, group: list[_Live]) -> list[bool]:
-        active = [False] * self.max_num_seqs
-        for a in group:
-            active[a.slot] = True
-        return active
 
     def _pick(self, a: _Live, logits: torch.Tensor) -> int:
         return int(sample(logits, a.req.sampling, a.gen)[0])
@@ -536,8 +512,3 @@ class Batcher:
                 self.slots[a.slot] = None
         self.runner.reset()
 
-
-def _selection(resa: ResaConfig) -> ResaConfig:
-    """The settings a sparse decode step depends on (the rest normalised), so requests that
-    differ only in rectification share one step pass and one captured graph."""
-    return resa.with_(mode="sparse", rectify_every=0, rectify_variant="paper", prefill_chunk=1024)

@@ -16,6 +16,10 @@ def sparse_step_reads(n: int, resa: ResaConfig) -> int:
     return min(kept * resa.block_size, n) + nb
 
 
-def step_reads(n: int, resa: ResaConfig | None) -> int:
-    """K/V tokens a decode step over a row of n cached tokens reads (resa None: dense)."""
-    return n if resa is None else sparse_step_reads(n, resa)
+def feed_reads(feed, before: int, after: int, resa: ResaConfig) -> int:
+    """K/V tokens the passes feeding one token to a row read (`resa.rectify.Feed`), the row
+    holding `before` tokens before and `after` after: dense passes read the whole row, a sparse
+    step its selection, and a paper-variant rewrite first re-reads the whole row once."""
+    if feed.window or not feed.sparse:
+        return after
+    return sparse_step_reads(after, resa) + (before if feed.rewrite_before else 0)

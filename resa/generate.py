@@ -15,8 +15,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from .config import ResaConfig
-from .cost import step_reads
-from .rectify import schedule
+from .cost import feed_reads
+from .rectify import Feed, schedule
 from .runner import Runner
 
 
@@ -79,6 +79,50 @@ class Sink(Protocol):
 # pick(logits [B, V] fp32, t) -> the tokens [B] (device) of generated position t.
 Picker = Callable[[torch.Tensor, int], torch.Tensor]
 
+# tokens(rows, lo, hi) -> [B, hi - lo] int64: column j of row b is that row's generated token at
+# offset lo + j from the end of its history (-1 = the newest, the one being fed); other rows: any.
+TokenWindow = Callable[[Sequence[int], int, int], torch.Tensor]
+
+
+def feed_rows(runner: Runner, feeds: dict[int, tuple[Feed, ResaConfig]], tokens: TokenWindow
+              ) -> list[tuple[list[int], torch.Tensor]]:
+    """Run the passes that feed each listed row its newest token as its `Feed` (from
+    `resa.rectify.schedule`) says: paper rewrites first, then fused windows, then decode steps.
+    Rows that need the same pass share it: one pass for every row of the runner (the lock-step
+    loop), or a masked pass of the rows that take it (a continuous batch); steps group by their
+    sparse settings. Returns (rows, logits [B, V]) of each pass that gave next-token logits;
+    every listed row appears in exactly one."""
+    every = len(feeds) == runner.batch
+
+    def mask(rows: list[int]) -> list[bool] | None:
+        if every and len(rows) == runner.batch:
+            return None
+        on = set(rows)
+        return [b in on for b in range(runner.batch)]
+
+    rewrites: dict[int, list[int]] = {}
+    windows: dict[int, list[int]] = {}
+    steps: dict[ResaConfig | None, list[int]] = {}
+    for b, (feed, resa) in feeds.items():
+        if feed.rewrite_before:
+            rewrites.setdefault(feed.rewrite_before, []).append(b)
+        if feed.window:
+            windows.setdefault(feed.window, []).append(b)
+        else:
+            steps.setdefault(selection_settings(resa) if feed.sparse else None, []).append(b)
+    for f, rows in rewrites.items():
+        runner.window(tokens(rows, -1 - f, -1), f, mask(rows))
+    out = [(rows, runner.window(tokens(rows, -w, 0), w - 1, mask(rows))) for w, rows in windows.items()]
+    for sparse, rows in steps.items():
+        out.append((rows, runner.step(tokens(rows, -1, 0)[:, 0], sparse, active=mask(rows))))
+    return out
+
+
+def selection_settings(resa: ResaConfig) -> ResaConfig:
+    """The settings a sparse decode step depends on, the rest normalised: rows that differ only
+    in rectification share one step pass (and one captured graph)."""
+    return resa.with_(mode="sparse", rectify_every=0, rectify_variant="paper", prefill_chunk=1024)
+
 
 class Collector:
     """The engine's sink: per-row outputs up to an EOS id (excluded) or a stop from on_token."""
@@ -119,7 +163,6 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
     rows = B if rows is None else rows
     if stats is None:
         stats = GenerationStats("dense" if resa.is_dense else resa.mode, resa.rectify_variant, runner.lengths[:rows])
-    f = resa.rectify_every
     history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=runner.device)
     checked = 0
     capture0 = runner.capture_seconds
@@ -136,13 +179,8 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
             break
         before = runner.lengths[:rows]
         feed = schedule(t, resa, max(before))
-        if feed.rewrite_before:
-            runner.window(history[:, t - f:t], overwrite=f)
-        if feed.window:
-            w = feed.window
-            logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1)
-        else:
-            logits = runner.step(history[:, t], resa if feed.sparse else None)
+        ((_, logits),) = feed_rows(runner, {b: (feed, resa) for b in range(B)},
+                                   lambda _, lo, hi: history[:, t + 1 + lo:t + 1 + hi])
         after = runner.lengths[:rows]
         stats.decode_steps += 1
         if feed.rectifies:
@@ -151,11 +189,7 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
                                        feed.rewrite_before or feed.window))
         stats.sparse_steps += feed.sparse and not feed.window
         stats.kv_tokens_dense += sum(after)
-        if feed.window or not feed.sparse:
-            stats.kv_tokens_read += sum(after)
-        else:
-            stats.kv_tokens_read += sum(step_reads(n, resa) for n in after)
-            stats.kv_tokens_read += sum(before) if feed.rewrite_before else 0
+        stats.kv_tokens_read += sum(feed_reads(feed, n0, n1, resa) for n0, n1 in zip(before, after))
     stats.decode_seconds = wall_clock(runner.device) - t0
     stats.capture_seconds += runner.capture_seconds - capture0
     return stats
