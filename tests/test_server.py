@@ -188,6 +188,21 @@ def test_concurrent_greedy_requests_equal_engine_outputs(served):
         assert r.usage.completion_tokens == len(ref)
 
 
+def test_defaults_stop_strings_and_ignore_eos(served):
+    client, tok = served["client"], served["tok"]
+    prompt = GREEDY_PROMPTS[2]
+    ref = tok.decode(served["refs"][prompt][1])
+    stop = ref[len(ref) // 2:len(ref) // 2 + 2]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stop=stop)
+    assert r.choices[0].text == ref[:ref.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stop=[stop, "zzz"],
+                                            stream=True))
+    assert stream_text(chunks, chat=False)[0] == r.choices[0].text
+    # max_tokens left out: the server's default (16 here); ignore_eos runs through EOS.
+    r = client.completions.create(model=NAME, prompt="Hi", temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
 # ---- load ---------------------------------------------------------------------------------------
 
 def test_load_64_streams_from_16_clients(served):
@@ -406,3 +421,16 @@ def test_resa_serve_drains_on_sigterm_and_exits_0():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--port", "70000"], "--port"), (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--random-weights", "gpt-9"], "known shape"), (["--max-body-bytes", "-1"], "--max-body-bytes"),
+    (["--active-ratio", "0"], "active_ratio")])
+def test_serve_flags_are_checked_before_loading(argv, words, capsys, monkeypatch):
+    from resa import cli
+    import resa.engine
+
+    monkeypatch.setattr(resa.engine.Engine, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    assert cli.main(["serve", *argv]) == 2
+    assert words in capsys.readouterr().err

@@ -423,13 +423,36 @@ class _Server:
                 "rectifications": st.rectifications, "cached_tokens": st.cached_tokens,
                 "decode_steps": st.decode_steps, "ttft_s": st.ttft}
 
+    @staticmethod
+    def held_back(text: str, stops) -> int:
+        """Characters at the end of `text` that may be the start of a stop string: a stream
+        sends them only once the next text shows they are not."""
+        best = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def final_text(self, request: BatchRequest) -> str:
+        """The answer's text. At a stop string the batcher's text can end with the part of the
+        stop string that came in earlier tokens; the text is cut where the stop string begins."""
+        if request.finish_reason == "stop" and request.stop:
+            full = self.engine.tokenizer.decode(request.output_ids)
+            hits = [i for i in (full.find(s) for s in request.stop) if i >= 0]
+            if hits:
+                return full[:min(hits)]
+        return request.text
+
     def body(self, request: BatchRequest, chat: bool, model: str, created: int) -> dict:
         reason = FINISH_REASONS.get(request.finish_reason, request.finish_reason)
+        text = self.final_text(request)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": request.text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": request.text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {"id": request.id, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model, "choices": [choice], "usage": self.usage(request), "resa": self.resa_stats(request)}
 
@@ -450,14 +473,19 @@ class _Server:
 
         if chat:
             yield chunk(None, role=True)
-        done = False
+        done, text, sent = False, "", 0
         while not done:
-            text, done = await queue.get()
+            piece, done = await queue.get()
+            text += piece
             while not done and not queue.empty():  # a backlog goes out as one event
-                more, done = queue.get_nowait()
-                text += more
-            if text:
-                yield chunk(text)
+                piece, done = queue.get_nowait()
+                text += piece
+            end = len(self.final_text(request)) if done else len(text) - self.held_back(text, request.stop)
+            if done:
+                text = self.final_text(request)
+            if end > sent:
+                yield chunk(text[sent:end])
+                sent = end
         if request.finish_reason in ("error", "cancelled"):
             try:
                 self.raise_failed(request)

@@ -63,7 +63,8 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions. prompt: a string, a list of one string, a list of token ids, or a
     list of one list of token ids."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # Tried in this order, so a long list of token ids is validated once.
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(union_mode="left_to_right")
     echo: bool = False
     suffix: str | None = None
 
