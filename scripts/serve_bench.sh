@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `resa bench serve` against a fresh `resa serve` (on a GPU machine by default): one `resa serve` of Qwen2.5-7B shapes with random weights,
-# open-loop load at two request rates, dense and ReSA per request (the `resa.mode` override), so
+# `resa bench serve` against a fresh `resa serve`: by default (a GPU machine) one server of
+# Qwen2.5-7B shapes with random weights, open-loop load at two request rates, dense and ReSA per request (the `resa.mode` override), so
 # both modes run against the same server, graphs and pool. Results go to $OUT (default
 # benchmarks/serve), one .json + .md per run.
 #
