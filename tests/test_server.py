@@ -34,7 +34,9 @@ NAME = "smol"
 MAX_MODEL_LEN = 2048
 BODY_LIMIT = 64 << 10
 GREEDY_PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
-                  "A long time ago, in a small village by the river, there lived an old baker who"]
+                  "A long time ago, in a small village by the river, there lived an old baker who",
+                  # Past min_blocks x block_size = 256 tokens: decoded sparsely (16 of 27 blocks).
+                  " ".join(f"Room {i} has {i % 7} chairs." for i in range(48)) + " The room with the most chairs is"]
 
 
 def free_port() -> int:
@@ -160,7 +162,7 @@ def test_resa_field_reaches_the_engine(served):
     """A prompt past min_blocks x block_size (256 tokens) is decoded sparsely by default; the
     request's resa object turns that into dense decoding, or rectifies every 4 tokens."""
     client, tok = served["client"], served["tok"]
-    prompt = " ".join(f"item {i} is {i * 7 % 13}." for i in range(64))
+    prompt = GREEDY_PROMPTS[-1]
     assert len(tok.encode(prompt)) > 400
     common = dict(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
     dense = client.completions.create(**common, extra_body={"resa": {"mode": "dense"}})
@@ -177,15 +179,18 @@ def test_resa_field_reaches_the_engine(served):
 def test_concurrent_greedy_requests_equal_engine_outputs(served):
     client, tok = served["client"], served["tok"]
 
-    def one(prompt):
+    def one(i_prompt):
+        i, prompt = i_prompt
+        time.sleep(0.3 * i)  # staggered arrivals: requests join a running batch
         return client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
 
     with ThreadPoolExecutor(len(GREEDY_PROMPTS)) as ex:
-        results = list(ex.map(one, GREEDY_PROMPTS))
+        results = list(ex.map(one, enumerate(GREEDY_PROMPTS[::-1])))[::-1]
     for prompt, r in zip(GREEDY_PROMPTS, results):
         ids, ref = served["refs"][prompt]
         assert r.choices[0].text == tok.decode(ref), prompt
         assert r.usage.completion_tokens == len(ref)
+    assert results[-1].resa["kv_read_fraction"] < 1
 
 
 def test_defaults_stop_strings_and_ignore_eos(served):
