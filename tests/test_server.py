@@ -155,6 +155,8 @@ def test_completion_stream_equals_non_stream(served):
     text, finals = stream_text(chunks, chat=False)
     assert text == r.choices[0].text
     assert finals[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # One chunk per generated token (clients time tokens by them), then the finishing chunk.
+    assert sum(c.choices[0].finish_reason is None for c in chunks) == r.usage.completion_tokens
     assert finals[-1].resa["kv_read_fraction"] == r.resa["kv_read_fraction"]
 
 

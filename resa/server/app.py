@@ -473,27 +473,28 @@ class _Server:
 
         if chat:
             yield chunk(None, role=True)
-        done, text, sent = False, "", 0
-        while not done:
+        text, sent = "", 0
+        while True:
             piece, done = await queue.get()
             text += piece
-            while not done and not queue.empty():  # a backlog goes out as one event
-                piece, done = queue.get_nowait()
-                text += piece
-            end = len(self.final_text(request)) if done else len(text) - self.held_back(text, request.stop)
             if done:
-                text = self.final_text(request)
-            if end > sent:
-                yield chunk(text[sent:end])
-                sent = end
+                break
+            # One chunk per generated token; its text may be empty (part of a character, or text
+            # that may start a stop string, held back until the next token shows it does not).
+            end = max(sent, len(text) - self.held_back(text, request.stop))
+            yield chunk(text[sent:end])
+            sent = end
+        rest = self.final_text(request)[sent:]
         if request.finish_reason in ("error", "cancelled"):
+            if rest:
+                yield chunk(rest)
             try:
                 self.raise_failed(request)
             except ApiError as exc:
                 yield json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))
         else:
             reason = FINISH_REASONS.get(request.finish_reason, request.finish_reason)
-            yield chunk(None, reason, resa=self.resa_stats(request))
+            yield chunk(rest or None, reason, resa=self.resa_stats(request))
             if include_usage:
                 yield json.dumps({"id": request.id, "object": obj, "created": created, "model": model,
                                   "choices": [], "usage": self.usage(request)})
