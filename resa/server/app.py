@@ -497,7 +497,7 @@ class _Server:
             yield chunk(rest or None, reason, resa=self.resa_stats(request))
             if include_usage:
                 yield json.dumps({"id": request.id, "object": obj, "created": created, "model": model,
-                                  "choices": [], "usage": self.usage(request)})
+                                  "choices": [], "usage": self.usage(request), "resa": self.resa_stats(request)})
         yield "[DONE]"
 
 
