@@ -127,6 +127,7 @@ class _Live:
     """The batcher's state of one admitted request."""
 
     def __init__(self, req: Request, device: torch.device, tokenizer, eos: set[int]) -> None:
+        from .stops import StopText
         from .tokenizer import StreamDecoder
 
         self.req = req
@@ -137,6 +138,7 @@ class _Live:
         self.generated: list[int] = []       # sampled tokens (EOS included), fed one per step
         self.gen = make_generator(req.sampling, device)
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.text = StopText(req.stop)  # the released text (stop strings held back and cut)
         self.eos = eos
         self.last_token_time = 0.0
 
@@ -263,6 +265,11 @@ class Batcher:
             self._thread.join(timeout)
 
     # ---- state ----
+
+    @property
+    def alive(self) -> bool:
+        """The background loop (`start`) is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def num_running(self) -> int:
@@ -450,8 +457,6 @@ class Batcher:
 
     def _emit(self, a: _Live, token: int) -> None:
         """Deliver one sampled token; finish the request at EOS, a stop string or max_tokens."""
-        from .engine import _find_stop
-
         req, now = a.req, time.monotonic()
         a.generated.append(token)
         if req.stats.first_token is None:
@@ -467,15 +472,9 @@ class Batcher:
         req.output_ids.append(token)
         req.stats.completion_tokens += 1
         self.counters.generation_tokens += 1
-        piece = a.decoder.push(token) if a.decoder is not None else ""
-        reason = None
-        if piece and req.stop:
-            before = len(req.text)
-            text = req.text + piece
-            hit = _find_stop(text, req.stop, before)
-            if hit is not None:
-                piece, reason = text[before:hit], "stop"
-        req.text += piece
+        piece, stopped = a.text.push(a.decoder.push(token) if a.decoder is not None else "")
+        req.text = a.text.text
+        reason = "stop" if stopped else None
         if reason is None and len(a.generated) >= req.max_tokens:
             reason = "length"
         if req.on_output is not None:
@@ -495,8 +494,12 @@ class Batcher:
                 self.runner.lengths[a.slot] = 0
                 self.runner.cache.lengths[a.slot] = 0
             self.slots[a.slot] = None
-        tail = a.decoder.flush() if (flush and a.decoder is not None and reason in ("eos", "length")) else ""
-        req.text += tail
+        tail = ""
+        if reason != "stop":  # the rest of the text (a stop string never began in it)
+            if flush and a.decoder is not None and reason in ("eos", "length"):
+                tail, _ = a.text.push(a.decoder.flush())
+            tail += a.text.flush()
+            req.text = a.text.text
         req.finish_reason, req.error = reason, error
         req.stats.finished = time.monotonic()
         self.counters.requests_finished += 1

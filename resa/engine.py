@@ -214,37 +214,34 @@ class Engine:
                  on_text: TextCallback | None = None, **kwargs) -> GenerationResult:
         """Generate for a batch of text prompts; see `generate_ids` for the settings.
         on_text(row, piece) receives decoded text as it is produced."""
+        from .stops import StopText
         from .tokenizer import StreamDecoder
 
         prompts = validate.check_prompts(prompts)
         stop = validate.check_stop(stop)
         prompt_ids = self.encode(prompts, chat)
         decoders = [StreamDecoder(self.tokenizer) for _ in prompt_ids]
-        texts = [""] * len(prompt_ids)
-        stopped = [False] * len(prompt_ids)
+        texts = [StopText(stop) for _ in prompt_ids]
 
-        def on_token(row: int, token: int) -> bool:
-            piece = decoders[row].push(token)
-            before = len(texts[row])
-            texts[row] += piece
-            hit = _find_stop(texts[row], stop, before)
-            if hit is not None:
-                piece = texts[row][before:hit]
-                texts[row] = texts[row][:hit]
-                stopped[row] = True
+        def show(row: int, piece: str) -> None:
             if on_text is not None and piece:
                 on_text(row, piece)
-            return hit is not None
+
+        def on_token(row: int, token: int) -> bool:
+            piece, stopped = texts[row].push(decoders[row].push(token))
+            show(row, piece)
+            return stopped
 
         result = self.generate_ids(prompt_ids, on_token=on_token, **kwargs)
-        for row, ids in enumerate(result.token_ids):
-            if stopped[row]:
+        for row, text in enumerate(texts):
+            if text.stopped:
                 result.finish_reasons[row] = "stop"
                 continue
-            tail = decoders[row].flush()
-            if on_text is not None and tail:
-                on_text(row, tail)
-            texts[row] = self.tokenizer.decode(ids)
+            piece, stopped = text.push(decoders[row].flush())
+            show(row, piece + text.flush())
+            if stopped:
+                result.finish_reasons[row] = "stop"
+        texts = [t.text for t in texts]
         result.texts = texts
         return result
 
@@ -363,14 +360,3 @@ class Engine:
             return tuple(self.tokenizer.eos_token_ids)
         return tuple(self.model.cfg.eos_token_ids)
 
-
-def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
-    """Index where the first stop string that overlaps the new text begins, or None."""
-    best = None
-    for s in stops:
-        if not s:
-            continue
-        i = text.find(s, max(0, new_from - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best

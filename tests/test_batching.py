@@ -216,7 +216,8 @@ def test_graph_path_of_the_batch_equals_each_request_alone(engine, variant):
     requests = [Request(p, max_tokens=NEW, resa=cfg, eos_token_ids=[]) for p in prompts]
     _staggered(batcher, requests, every=2)
     assert [r.output_ids for r in requests] == want
-    assert {k[:3] for k in graphs.keys} >= {("rows", 1, 0)} and any(k[1] > 1 for k in graphs.keys)
+    masked = [k for k in graphs.keys if k[0] == "rows"]
+    assert any(k[1:3] == (1, 0) for k in masked) and any(k[1] > 1 for k in masked)  # steps and windows
     assert batcher.runner.cache.sink is not None and batcher.blocks_in_use() == 0
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test (CPU tensors)")

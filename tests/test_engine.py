@@ -5,7 +5,7 @@ import torch
 
 from resa.cache import KVCache
 from resa.config import ResaConfig
-from resa.engine import Engine, PromptTooLongError, _find_stop
+from resa.engine import Engine, PromptTooLongError
 from resa.runner import Runner
 from resa.sampling import SamplingConfig
 from tests.tiny import random_prompts, tiny_engine
@@ -170,9 +170,19 @@ def test_seeded_sampling_is_reproducible(engine):
     assert a.token_ids == b.token_ids
 
 
-def test_find_stop():
-    assert _find_stop("hello world", ["wor"], 8) == 6
-    assert _find_stop("hello", ["x"], 0) is None
+def test_stop_text_holds_back_what_may_start_a_stop_and_cuts_at_it():
+    from resa.stops import StopText
+
+    t = StopText(["6,", "END"])
+    assert t.push(" 5") == (" 5", False)
+    assert t.push(", 6") == (", ", False)  # "6" may start "6,": held back
+    assert t.push(" x") == ("6 x", False)  # ... it did not
+    assert t.push(" E") == (" ", False) and t.push("N") == ("", False)
+    assert t.push("D more") == ("", True) and t.text == " 5, 6 x "  # the stop spans three pieces
+    assert t.push("after") == ("", True)
+    u = StopText(["abc"])
+    assert u.push("xab") == ("x", False) and u.flush() == "ab" and u.text == "xab"
+    assert StopText([]).push("anything") == ("anything", False)
 
 
 def test_windows_decoded_at_full_budget_are_not_rectified(engine, dense):

@@ -8,6 +8,7 @@ before the server starts (the engine is not shared across threads while it serve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -441,3 +442,23 @@ def test_serve_flags_are_checked_before_loading(argv, words, capsys, monkeypatch
     monkeypatch.setattr(resa.engine.Engine, "load", lambda *a, **k: pytest.fail("loaded a model"))
     assert cli.main(["serve", *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_bench_serve_times_every_token_of_every_request(served):
+    """`resa bench serve` against the live server: every request completes with one timed chunk
+    per generated token, and the report's counts add up."""
+    import argparse
+
+    from resa.bench import serve as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--url", served["base"], "--api-key", KEY, "--num-requests", "3", "--rate", "inf",
+                         "--prompt-lens", "20", "60", "--output-len", "5", "--mode", "dense", "--seed", "3"])
+    rep = bench.report(args, *asyncio.run(bench._run(args)))
+    assert rep["failed"] == 0 and rep["requests"] == 3
+    for r in rep["per_request"]:
+        assert len(r["token_times"]) == r["completion_tokens"] == 5 and r["ttft"] > 0
+    assert sum(g["requests"] for g in rep["by_prompt_len"].values()) == 3
+    assert rep["kv_read_fraction"] == 1.0  # dense, as requested per request
+    wait_until(lambda: idle(served["batcher"]), 30, "the batcher to be idle")

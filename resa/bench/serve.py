@@ -87,7 +87,8 @@ async def _one(client, url: str, headers: dict, body: dict, timing: RequestTimin
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if chunk.get("choices"):
+                choices = chunk.get("choices")
+                if choices and choices[0].get("finish_reason") is None:  # one chunk per token
                     timing.token_times.append(time.perf_counter())
                 if chunk.get("usage"):
                     timing.completion_tokens = chunk["usage"]["completion_tokens"]

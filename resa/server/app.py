@@ -423,31 +423,9 @@ class _Server:
                 "rectifications": st.rectifications, "cached_tokens": st.cached_tokens,
                 "decode_steps": st.decode_steps, "ttft_s": st.ttft}
 
-    @staticmethod
-    def held_back(text: str, stops) -> int:
-        """Characters at the end of `text` that may be the start of a stop string: a stream
-        sends them only once the next text shows they are not."""
-        best = 0
-        for s in stops:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def final_text(self, request: BatchRequest) -> str:
-        """The answer's text. At a stop string the batcher's text can end with the part of the
-        stop string that came in earlier tokens; the text is cut where the stop string begins."""
-        if request.finish_reason == "stop" and request.stop:
-            full = self.engine.tokenizer.decode(request.output_ids)
-            hits = [i for i in (full.find(s) for s in request.stop) if i >= 0]
-            if hits:
-                return full[:min(hits)]
-        return request.text
-
     def body(self, request: BatchRequest, chat: bool, model: str, created: int) -> dict:
         reason = FINISH_REASONS.get(request.finish_reason, request.finish_reason)
-        text = self.final_text(request)
+        text = request.text
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": reason}
@@ -473,18 +451,14 @@ class _Server:
 
         if chat:
             yield chunk(None, role=True)
-        text, sent = "", 0
         while True:
-            piece, done = await queue.get()
-            text += piece
-            if done:
-                break
             # One chunk per generated token; its text may be empty (part of a character, or text
-            # that may start a stop string, held back until the next token shows it does not).
-            end = max(sent, len(text) - self.held_back(text, request.stop))
-            yield chunk(text[sent:end])
-            sent = end
-        rest = self.final_text(request)[sent:]
+            # that may start a stop string, which the batcher holds back until it knows).
+            piece, done = await queue.get()
+            if done:
+                rest = piece  # the text that came with the finish
+                break
+            yield chunk(piece)
         if request.finish_reason in ("error", "cancelled"):
             if rest:
                 yield chunk(rest)
@@ -548,8 +522,7 @@ def create_app(engine, settings: ServerSettings | None = None, batcher: Batcher 
 
     @app.get("/health")
     async def health():
-        alive = batcher._thread is not None and batcher._thread.is_alive()
-        if server.draining or not alive:
+        if server.draining or not batcher.alive:
             return JSONResponse({"status": "draining" if server.draining else "stopped"}, 503)
         return {"status": "ok"}
 
