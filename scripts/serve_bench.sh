@@ -15,7 +15,7 @@
 #   MODEL_ARGS="" PROMPT_LENS="256 1024" OUTPUT_LEN=32 WARM_LEN=64 TAG=cpu_smollm2 bash scripts/serve_bench.sh 8 0.5 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
+if ! python3 -c "import fastapi, uvicorn" 2> /dev/null && [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
