@@ -10,9 +10,12 @@ from .errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-MODES = ("dense", "sparse", "resa")
+MODES = ("dense", "sparse", "resa", "verify")
 RECTIFY_VARIANTS = ("paper", "fused")
 GROUP_POOLS = ("mean", "max")
+# Longest draft of mode "verify": its dense pass covers draft + 1 tokens, within the window width
+# the chunk kernel and the compiled layer halves take (128).
+DRAFT_LIMIT = 127
 
 
 __all__ = ["ConfigError", "UnsupportedModelError", "GROUP_POOLS", "MODES", "ModelConfig", "RECTIFY_VARIANTS", "ROPE_TYPES",
@@ -249,7 +252,9 @@ class ResaConfig:
     """ReSA decoding settings (defaults from the paper; see docs/method.md sections 2-3).
 
     mode: "dense" (full attention every step), "sparse" (block-sparse decode, never rectified),
-        "resa" (block-sparse decode + a dense rectification pass every `rectify_every` tokens).
+        "resa" (block-sparse decode + a dense rectification pass every `rectify_every` tokens),
+        "verify" (sparse steps draft tokens that one dense pass checks: output identical to dense
+        decoding, docs/method.md section 7).
     block_size: tokens per KV block (BS).
     active_ratio: fraction of blocks kept per step; >= 1 means dense.
     min_blocks: blocks always kept (so short contexts stay dense: min_blocks * block_size tokens).
@@ -262,6 +267,8 @@ class ResaConfig:
         bound of the group's mean query) or "max" (each head's own bound, the largest over the
         group: a block one head needs is not averaged away by its group mates; G times the
         scoring arithmetic, same bytes read).
+    draft_min, draft_max: mode "verify": bounds of the draft length w (sparse steps per dense
+        verification pass), chosen per row from its acceptance rate (equal bounds: a fixed w).
     """
 
     mode: str = "resa"
@@ -273,6 +280,8 @@ class ResaConfig:
     rectify_variant: str = "paper"
     prefill_chunk: int = 1024
     group_pool: str = "mean"
+    draft_min: int = 2
+    draft_max: int = 64
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -292,6 +301,11 @@ class ResaConfig:
             raise ConfigError(f"rectify_every (f) must be an integer >= 0, got {self.rectify_every!r}")
         if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        if not is_int(self.draft_min) or not 1 <= self.draft_min <= DRAFT_LIMIT:
+            raise ConfigError(f"draft_min must be an integer in [1, {DRAFT_LIMIT}], got {self.draft_min!r}")
+        if not is_int(self.draft_max) or not self.draft_min <= self.draft_max <= DRAFT_LIMIT:
+            raise ConfigError(f"draft_max must be an integer in [draft_min={self.draft_min}, {DRAFT_LIMIT}], "
+                              f"got {self.draft_max!r}")
 
     @property
     def is_dense(self) -> bool:

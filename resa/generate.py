@@ -16,8 +16,10 @@ import torch
 
 from .config import ResaConfig
 from .cost import step_reads
+from .errors import UsageError
 from .rectify import schedule
 from .runner import Runner
+from .sampling import SamplingConfig
 
 
 @dataclass
@@ -39,6 +41,26 @@ class GenerationStats:
     kv_tokens_read: int = 0
     kv_tokens_dense: int = 0
     peak_memory_gib: float | None = None  # CUDA only: weights + cache + activations
+    # mode "verify" (resa/verify.py): verification passes, drafts proposed and accepted (rows
+    # still generating), tokens those passes emitted and their row count, the batch's draft
+    # length of each pass, each row's last chosen draft length
+    windows: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    window_tokens: int = 0
+    row_windows: int = 0
+    draft_widths: list[int] = field(default_factory=list)
+    row_draft_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Mode "verify": drafted tokens the dense pass accepted (NaN when none was drafted)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_window(self) -> float:
+        """Mode "verify": tokens a row got per verification pass (accepted drafts + 1)."""
+        return self.window_tokens / self.row_windows if self.row_windows else float("nan")
 
     @property
     def kv_read_fraction(self) -> float:
@@ -67,7 +89,13 @@ class GenerationStats:
             + (f" graph_capture={self.capture_seconds:.2f}s" if self.capture_seconds else "")
             + (f" prefix_cached={self.prefix_cached_tokens}" if self.prefix_cached_tokens else "")
             + (f" peak_memory={self.peak_memory_gib:.1f}GiB" if self.peak_memory_gib is not None else "")
+            + (self._verify_summary() if self.mode == "verify" else "")
         )
+
+    def _verify_summary(self) -> str:
+        mean_w = sum(self.draft_widths) / len(self.draft_widths) if self.draft_widths else 0.0
+        return (f" windows={self.windows} accept={self.acceptance_rate:.3f} tokens/window={self.tokens_per_window:.2f} "
+                f"draft_w={mean_w:.1f}")
 
 
 class Sink(Protocol):
@@ -106,7 +134,8 @@ class Collector:
 
 def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Picker, sink: Sink,
            max_new_tokens: int, rows: int | None = None, sync_every: int = 1,
-           stats: GenerationStats | None = None) -> GenerationStats:
+           stats: GenerationStats | None = None, sampling: SamplingConfig | None = None,
+           generator: torch.Generator | None = None) -> GenerationStats:
     """Generate up to `max_new_tokens` per row from a prefilled runner.
 
     logits: [B, V] of each row's last cached token (token 0 is picked from them). Token t >= 1
@@ -114,7 +143,18 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
     rectification window). rows: the first `rows` rows are real (the others fill a batch bucket
     and are never shown to the sink). Tokens reach `sink` every `sync_every` tokens (and at the
     end); the steps after a row's stop inside a group are wasted work, not output.
+
+    Mode "verify" runs `resa.verify.decode_verify` instead, which needs the distribution itself:
+    `sampling` (and its `generator`) replace `pick` there.
     """
+    if resa.mode == "verify" and not resa.is_dense:
+        if sampling is None:
+            raise UsageError('mode="verify" needs the sampling settings (sampling=SamplingConfig(...)), not only a '
+                             "token picker; generate through resa.Engine")
+        from .verify import decode_verify
+
+        return decode_verify(runner, logits, resa=resa, sampling=sampling, generator=generator, sink=sink,
+                             max_new_tokens=max_new_tokens, rows=rows, stats=stats)
     B = runner.batch
     rows = B if rows is None else rows
     if stats is None:

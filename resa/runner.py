@@ -160,11 +160,12 @@ class Runner:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def window(self, tokens: torch.Tensor, overwrite: int) -> torch.Tensor:
+    def window(self, tokens: torch.Tensor, overwrite: int, every: bool = False) -> torch.Tensor:
         """Dense pass over tokens [B, W] whose first `overwrite` entries are already the newest
         `overwrite` tokens of every row (their K/V is rewritten in every layer) and the rest are
-        appended. Returns fp32 logits [B, V] of the last position."""
+        appended. Returns fp32 logits [B, V] of the last position (every: [B, W, V] of all W)."""
         W = tokens.shape[1]
+        cols = None if every else -1
         start = [n - overwrite for n in self.lengths]
         if min(start) < 0:
             raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding {min(self.lengths)}")
@@ -174,11 +175,11 @@ class Runner:
             cache = self.cache
 
             def fn(tok: torch.Tensor) -> torch.Tensor:
-                return self.model.run(tok, cache, Span.on_device(cache.lengths - overwrite, W), None, -1)
+                return self.model.run(tok, cache, Span.on_device(cache.lengths - overwrite, W), None, cols)
 
-            logits = self.graphs.run(("window", W, overwrite), fn, tokens)
+            logits = self.graphs.run(("window", W, overwrite) + (("every",) if every else ()), fn, tokens)
         else:
-            logits = self.model.run(tokens, self.cache, Span.make(start, [W] * self.batch, W, self.device), None, -1)
+            logits = self.model.run(tokens, self.cache, Span.make(start, [W] * self.batch, W, self.device), None, cols)
         self.lengths = [s + W for s in start]
         return logits
 
