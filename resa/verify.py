@@ -234,20 +234,21 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
             w = 0  # every draft step would keep all blocks: a dense step is the same, and exact
         start = runner.cache.lengths.clone()
         rnd = _round(runner, pending, w, resa, sampling, generator, accept_override)
-        live = torch.zeros(B, dtype=torch.bool)
-        live[active] = True
-        live = live.to(dev)
-        keep = torch.where(live, rnd.accepted + 1, 0)
+        # Row b keeps (and emits) its accepted drafts + 1, at most what it still may generate,
+        # and none when it has finished; its last emitted token is its next pending one.
+        room_left = torch.zeros(B, dtype=torch.int64)
+        room_left[active] = torch.tensor([max_new_tokens - produced[b] for b in active])
+        keep = torch.minimum(rnd.accepted + 1, room_left.to(dev))
         rollback(runner, start, keep)
-        pending = torch.where(live, rnd.tokens.gather(1, rnd.accepted[:, None])[:, 0], pending)
+        last = rnd.tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
+        pending = torch.where(keep > 0, last, pending)
         # The round's one host synchronisation: counts and tokens of every row.
         counts, toks = keep.tolist(), rnd.tokens.tolist()
         settle(runner, [n + k for n, k in zip(before, counts)])
         out = [[] for _ in range(rows)]
         for b in active:
-            take = min(counts[b], max_new_tokens - produced[b])
-            out[b] = toks[b][:take]
-            produced[b] += take
+            out[b] = toks[b][:counts[b]]
+            produced[b] += counts[b]
         _count(stats, control, resa, before, active, w, counts)
         finished = sink.take(out)
     stats.decode_seconds = wall_clock(dev) - t0
