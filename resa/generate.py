@@ -47,6 +47,7 @@ class GenerationStats:
     windows: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # verification passes (per row) that rejected a draft
     window_tokens: int = 0
     row_windows: int = 0
     draft_widths: list[int] = field(default_factory=list)
@@ -56,6 +57,13 @@ class GenerationStats:
     def acceptance_rate(self) -> float:
         """Mode "verify": drafted tokens the dense pass accepted (NaN when none was drafted)."""
         return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def token_acceptance(self) -> float:
+        """Mode "verify": the per-token acceptance estimate accepted / (accepted + rejections),
+        which does not depend on the draft length (each rejection ends a pass's accepted run)."""
+        n = self.accepted + self.rejections
+        return self.accepted / n if n else float("nan")
 
     @property
     def tokens_per_window(self) -> float:

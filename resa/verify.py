@@ -243,13 +243,14 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         last = rnd.tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
         pending = torch.where(keep > 0, last, pending)
         # The round's one host synchronisation: counts and tokens of every row.
-        counts, toks = keep.tolist(), rnd.tokens.tolist()
+        counts, accepted = torch.stack([keep, rnd.accepted]).tolist()
+        toks = rnd.tokens.tolist()
         settle(runner, [n + k for n, k in zip(before, counts)])
         out = [[] for _ in range(rows)]
         for b in active:
             out[b] = toks[b][:counts[b]]
             produced[b] += counts[b]
-        _count(stats, control, resa, before, active, w, counts)
+        _count(stats, control, resa, before, active, w, counts, accepted)
         finished = sink.take(out)
     stats.decode_seconds = wall_clock(dev) - t0
     stats.capture_seconds += runner.capture_seconds - capture0
@@ -292,8 +293,9 @@ def _round(runner: Runner, pending: torch.Tensor, w: int, resa: ResaConfig, samp
 
 
 def _count(stats, control: DraftLength, resa: ResaConfig, before: Sequence[int], active: Sequence[int],
-           w: int, counts: Sequence[int]) -> None:
-    """Fold one round into the stats and the rows' acceptance estimates."""
+           w: int, counts: Sequence[int], accepted: Sequence[int]) -> None:
+    """Fold one round into the stats and the rows' acceptance estimates (counts: tokens each
+    row emitted, accepted: drafts the rule accepted, which may be more near the end)."""
     stats.decode_steps += w + 1
     stats.sparse_steps += w
     for b in active:
@@ -303,9 +305,10 @@ def _count(stats, control: DraftLength, resa: ResaConfig, before: Sequence[int],
             stats.kv_tokens_read += n + 1
             continue
         stats.kv_tokens_read += sum(sparse_step_reads(n + j + 1, resa) for j in range(w)) + n + w + 1
-        control.observe(b, k - 1, w)
+        control.observe(b, accepted[b], w)
         stats.drafted += w
-        stats.accepted += k - 1
+        stats.accepted += accepted[b]
+        stats.rejections += accepted[b] < w
         stats.window_tokens += k
         stats.row_windows += 1
     if w:

@@ -49,7 +49,7 @@ def test_greedy_verify_equals_dense_token_for_token(engine, dense, draft):
     s = out.stats
     assert s.sparse_steps > 0 and s.windows > 0
     assert 0 < s.accepted < s.drafted, "some drafts must be accepted and some rejected"
-    assert s.tokens_per_window == pytest.approx(1 + s.accepted / s.row_windows)
+    assert 1 < s.tokens_per_window <= 1 + s.accepted / s.row_windows + 1e-9  # less only where rows hit the end
     if draft == (5, 5):  # shorter only where fewer tokens remain to generate
         assert max(s.draft_widths) == 5 and s.draft_widths.count(5) >= len(s.draft_widths) - 3
     assert "accept=" in s.summary() and "tokens/window=" in s.summary()
