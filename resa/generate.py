@@ -52,6 +52,8 @@ class GenerationStats:
     row_windows: int = 0
     draft_widths: list[int] = field(default_factory=list)
     row_draft_lengths: list[int] = field(default_factory=list)
+    # rectify_every="auto": the agreement of each rectification window (its f is in rectified_at)
+    rectify_agreement: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -98,6 +100,8 @@ class GenerationStats:
             + (f" prefix_cached={self.prefix_cached_tokens}" if self.prefix_cached_tokens else "")
             + (f" peak_memory={self.peak_memory_gib:.1f}GiB" if self.peak_memory_gib is not None else "")
             + (self._verify_summary() if self.mode == "verify" else "")
+            + (f" f_auto={sum(w for _, _, w in self.rectified_at) / len(self.rectified_at):.1f}"
+               if self.rectify_agreement else "")
         )
 
     def _verify_summary(self) -> str:
@@ -168,6 +172,11 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
     if stats is None:
         stats = GenerationStats("dense" if resa.is_dense else resa.mode, resa.rectify_variant, runner.lengths[:rows])
     f = resa.rectify_every
+    cadence = None
+    if resa.rectify_auto and resa.rectifies:
+        from .adaptive import Cadence
+
+        cadence = Cadence(resa)
     history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=runner.device)
     checked = 0
     capture0 = runner.capture_seconds
@@ -183,12 +192,18 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
         if last:
             break
         before = runner.lengths[:rows]
-        feed = schedule(t, resa, max(before))
+        feed = schedule(t, resa, max(before)) if cadence is None else cadence.feed(t, max(before))
         if feed.rewrite_before:
-            runner.window(history[:, t - f:t], overwrite=f)
+            f = feed.rewrite_before
+            rect = runner.window(history[:, t - f:t], overwrite=f, every=cadence is not None)
+            if cadence is not None:
+                cadence.observe(t, feed, rect, history, rows)
         if feed.window:
             w = feed.window
-            logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1)
+            logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1, every=cadence is not None)
+            if cadence is not None:
+                cadence.observe(t, feed, logits, history, rows)
+                logits = logits[:, -1]
         else:
             logits = runner.step(history[:, t], resa if feed.sparse else None)
         after = runner.lengths[:rows]
@@ -206,6 +221,8 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
             stats.kv_tokens_read += sum(before) if feed.rewrite_before else 0
     stats.decode_seconds = wall_clock(runner.device) - t0
     stats.capture_seconds += runner.capture_seconds - capture0
+    if cadence is not None:
+        stats.rectify_agreement = [a for _, a in cadence.history]
     return stats
 
 

@@ -36,7 +36,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--min-blocks", type=int, default=16, help="blocks always kept (default 16)")
     p.add_argument("--local-blocks", type=int, default=1, help="newest blocks always kept (default 1)")
-    p.add_argument("-f", "--rectify-every", type=int, default=32, help="rectify every f tokens (default 32)")
+    p.add_argument("-f", "--rectify-every", type=_rectify_every, default=32,
+                   help="rectify every f tokens (default 32); auto: f moves with the measured drift")
     p.add_argument("--rectify-variant", choices=("paper", "fused"), default="paper",
                    help="paper: separate dense pass; fused: the dense pass also feeds the newest token")
     p.add_argument("--draft-min", type=int, default=2, help="--mode verify: shortest draft per dense check (default 2)")
@@ -53,6 +54,15 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="sample from the smallest set of tokens whose probability reaches p (default 1.0 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one each run)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _rectify_every(text: str):
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
