@@ -60,3 +60,11 @@ def test_auto_settings():
                 dict(rectify_auto="yes"), dict(rectify_every="often")):
         with pytest.raises(ConfigError):
             ResaConfig(**bad)
+
+
+@pytest.mark.parametrize("variant", ["paper", "fused"])
+def test_growth_from_a_short_start_keeps_windows_contiguous(engine, variant):
+    out = _gen(engine, active_ratio=0.9, rectify_variant=variant, rectify_every=4, rectify_auto=True)
+    widths = [w for _, _, w in out.stats.rectified_at]
+    assert widths[:2] == [4, 8]  # grows after the first window
+    _covered_once(out.stats, variant)
