@@ -165,6 +165,25 @@ def test_adaptive_draft_grows_when_sparse_agrees(engine, monkeypatch):
     assert out.stats.acceptance_rate > 0.5
 
 
+def test_greedy_verify_equals_dense_on_the_default_model():
+    """The real default model (SmolLM2-135M) with a 730-token prompt: 4 of 46 blocks per sparse
+    step, drafts both accepted and rejected, output identical to dense."""
+    from resa.errors import LoaderError
+
+    try:
+        engine = Engine.load()
+    except LoaderError as exc:
+        pytest.skip(str(exc))
+    story = " ".join(f"Line {i}: the keeper counted {i * 7 % 13} lanterns." for i in range(60))
+    ids = engine.tokenizer.encode(story + " Line 60: the keeper")
+    cfg = ResaConfig(mode="verify", min_blocks=4, active_ratio=0.05, draft_min=4, draft_max=4)
+    dense = engine.generate_ids([ids], resa=cfg.with_(mode="dense"), max_new_tokens=24, eos_token_ids=[])
+    out = engine.generate_ids([ids], resa=cfg, max_new_tokens=24, eos_token_ids=[])
+    assert out.token_ids == dense.token_ids
+    assert out.stats.sparse_steps > 0  # drafted by steps that kept fewer blocks than the row has
+    assert 0 < out.stats.accepted < out.stats.drafted
+
+
 # ---- sampling: the output follows the dense distribution ----
 
 # Vocabulary of 5, so the joint law of the first three tokens has 125 outcomes, computed exactly.
