@@ -195,13 +195,16 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
         feed = schedule(t, resa, max(before)) if cadence is None else cadence.feed(t, max(before))
         if feed.rewrite_before:
             f = feed.rewrite_before
-            rect = runner.window(history[:, t - f:t], overwrite=f, every=cadence is not None)
-            if cadence is not None:
-                cadence.observe(t, feed, rect, history, rows)
+            if cadence is None:
+                runner.window(history[:, t - f:t], overwrite=f)
+            else:  # the pass's logits at every position measure the drift
+                cadence.observe(t, feed, runner.window(history[:, t - f:t], overwrite=f, every=True), history, rows)
         if feed.window:
             w = feed.window
-            logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1, every=cadence is not None)
-            if cadence is not None:
+            if cadence is None:
+                logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1)
+            else:
+                logits = runner.window(history[:, t - w + 1:t + 1], overwrite=w - 1, every=True)
                 cadence.observe(t, feed, logits, history, rows)
                 logits = logits[:, -1]
         else:

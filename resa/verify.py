@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -94,11 +94,20 @@ def expected_tokens(alpha: float, w: int) -> float:
     return (1.0 - alpha ** (w + 1)) / (1.0 - alpha)
 
 
-def speedup(alpha: float, w: int, step_cost: float) -> float:
+class Costs(NamedTuple):
+    """A round's costs in dense decode steps: `step`, one sparse draft step; the verification
+    pass over w + 1 tokens, 1 + w * `window_slope` (one read of the weights and the cache, plus
+    the arithmetic of w more tokens)."""
+
+    step: float
+    window_slope: float = 0.0
+
+
+def speedup(alpha: float, w: int, cost: "Costs | float") -> float:
     """Tokens per unit of cost of a round over dense decoding (1 token per dense step): w sparse
-    steps of `step_cost` dense steps each, plus the verification pass (one dense step: it reads
-    the weights and the cache once)."""
-    return expected_tokens(alpha, w) / (w * step_cost + 1.0)
+    steps plus the verification pass (`Costs`; a float is the step cost with a flat pass)."""
+    step, slope = (cost, 0.0) if isinstance(cost, (int, float)) else cost
+    return expected_tokens(alpha, w) / (w * step + 1.0 + w * slope)
 
 
 def draft_grid(lo: int, hi: int) -> list[int]:
@@ -113,9 +122,9 @@ def draft_grid(lo: int, hi: int) -> list[int]:
     return sorted(grid)
 
 
-def best_draft(alpha: float, step_cost: float, grid: Sequence[int]) -> int:
+def best_draft(alpha: float, cost: "Costs | float", grid: Sequence[int]) -> int:
     """The draft length of `grid` with the highest `speedup` (the shortest among equals)."""
-    return max(grid, key=lambda w: (speedup(alpha, w, step_cost), -w))
+    return max(grid, key=lambda w: (speedup(alpha, w, cost), -w))
 
 
 class DraftLength:
@@ -144,27 +153,42 @@ class DraftLength:
         self.s[b] = self.DECAY * self.s[b] + accepted
         self.f[b] = self.DECAY * self.f[b] + (1.0 if accepted < drafted else 0.0)
 
-    def choose(self, rows: Sequence[int], step_cost: float) -> int:
+    def choose(self, rows: Sequence[int], cost: "Costs | float") -> int:
         """Update the chosen w of `rows` and return the batch's draft length (their largest)."""
         for b in rows:
-            self.chosen[b] = best_draft(self.alpha(b), step_cost, self.grid)
+            self.chosen[b] = best_draft(self.alpha(b), cost, self.grid)
         return max(self.chosen[b] for b in rows)
 
 
-def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int]) -> float:
-    """A sparse decode step's bytes over a dense step's (docs/method.md 4), at these lengths:
-    (weights + selected K/V + summaries) / (weights + all K/V)."""
+# Arithmetic a GPU does per byte it reads, as achieved by the verification pass: its chunk
+# attention (A_ATTN) and its matrix products (A_MM). Calibrated on an H200 from the rectification
+# pass of benchmarks/e2e/h200_public_loop.md (32 tokens at 128K / 256K, batch 4, Qwen2.5-7B
+# shapes: 2.25x / 2.6x a dense step).
+A_ATTN = 110.0
+A_MM = 140.0
+
+
+def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int], weights: int | None = None) -> Costs:
+    """The cost model of a round (docs/method.md 4, 7.2) at these lengths, in dense steps: a
+    sparse step reads (weights + selected K/V + summaries) / (weights + all K/V); each extra token
+    of the verification pass adds the arithmetic of its attention over the cache (G query heads
+    per KV head, 4·D flops per key and head: G·K / A_ATTN in bytes-equivalent) and of its matrix
+    products (2 flops per weight: W / A_MM). weights: the bytes of weights a step reads (default:
+    computed from the model)."""
     model = runner.model
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "parameters"):
-        return 0.5
-    from .random_model import weight_bytes_per_step
-
+        return Costs(0.5)
     kv_tok = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * runner.cache.k.element_size()
-    weights = weight_bytes_per_step(model, runner.batch)
-    dense = weights + kv_tok * sum(lengths)
+    if weights is None:
+        from .random_model import weight_bytes_per_step
+
+        weights = weight_bytes_per_step(model, runner.batch)
+    kv = kv_tok * sum(lengths)
+    dense = weights + kv
     sparse = weights + kv_tok * sum(sparse_step_reads(n, resa) for n in lengths)
-    return sparse / dense
+    slope = (cfg.group_size * kv / A_ATTN + weights / A_MM) / dense
+    return Costs(sparse / dense, slope)
 
 
 # ---- the loop ----
@@ -213,6 +237,11 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         stats = GenerationStats(resa.mode, resa.rectify_variant, runner.lengths[:rows])
     control = DraftLength(resa.draft_min, resa.draft_max, B)
     dev = runner.device
+    weights = None
+    if hasattr(runner.model, "parameters") and hasattr(runner.model, "cfg"):
+        from .random_model import weight_bytes_per_step
+
+        weights = weight_bytes_per_step(runner.model, B)
     capture0 = runner.capture_seconds
     t0 = wall_clock(dev)
     pending = sample(logits, sampling, generator)
@@ -226,7 +255,7 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         before = list(runner.lengths)
         room = runner.capacity - max(before) - 1
         need = max(max_new_tokens - produced[b] for b in active) - 1
-        cost = step_cost(runner, resa, [before[b] for b in active])
+        cost = step_cost(runner, resa, [before[b] for b in active], weights)
         w = min(control.choose(active, cost), need, room)
         if w > 0:
             w = max([g for g in control.grid if g <= w], default=w)
@@ -331,13 +360,13 @@ def acceptance_pattern(alpha: float, seed: int = 0) -> AcceptOverride:
     return override
 
 
-def break_even(step_cost_ratio: float, grid: Sequence[int]) -> float:
+def break_even(cost: "Costs | float", grid: Sequence[int]) -> float:
     """The per-token acceptance rate below which no draft length of `grid` beats dense decoding
     under the cost model (`speedup` < 1), by bisection."""
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        if max(speedup(mid, w, step_cost_ratio) for w in grid) >= 1.0:
+        if max(speedup(mid, w, cost) for w in grid) >= 1.0:
             hi = mid
         else:
             lo = mid

@@ -159,7 +159,7 @@ def test_adaptive_draft_grows_when_sparse_agrees(engine, monkeypatch):
     where sparse steps are cheap (the tiny model's cost is all weights, so its own cost model
     says drafting never pays and keeps w at the minimum: here the step cost is set as at a long
     context)."""
-    monkeypatch.setattr(verify, "step_cost", lambda runner, resa, lengths: 0.2)
+    monkeypatch.setattr(verify, "step_cost", lambda *args: verify.Costs(0.2))
     out = _gen(engine, new=60, mode="verify", active_ratio=0.9)
     assert max(out.stats.draft_widths) > 2
     assert out.stats.acceptance_rate > 0.5

@@ -139,7 +139,7 @@ def speed(args: argparse.Namespace) -> dict:
         logits = torch.zeros(B, model.cfg.vocab_size, device=device)
         row = dict(context=n, modes={})
         cost = step_cost(runner, base, [n] * B)
-        row["step_cost_model"] = cost
+        row["step_cost_model"], row["window_slope_model"] = cost
 
         def public(cfg: ResaConfig) -> float:
             runner.truncate([n] * B)
@@ -202,7 +202,8 @@ def markdown(result: dict) -> str:
             tpw = f"{m['tokens_per_window']:.2f}" if "tokens_per_window" in m else "-"
             lines.append(f"| {row['context']} | {name} | {m['tokens_per_s']:.1f} | {vs} | {tpw} |")
         lines.append(f"| {row['context']} | cost model: sparse step / dense step {row['step_cost_model']:.3f}, "
-                     f"break-even alpha {row['break_even_alpha_model']:.3f} | | | |")
+                     f"pass slope {row['window_slope_model']:.3f}/token, break-even alpha "
+                     f"{row['break_even_alpha_model']:.3f} | | | |")
     return "\n".join(lines) + "\n"
 
 
