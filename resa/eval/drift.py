@@ -19,7 +19,8 @@ from ..sampling import SamplingConfig
 from .data import token_sequences
 from .stats import cluster_bootstrap
 
-MODES = ("dense", "sparse", "resa-paper", "resa-fused")
+MODES = ("dense", "sparse", "resa-paper", "resa-fused", "resa-auto", "verify")
+DEFAULT_MODES = MODES[:4]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class DriftSettings:
     prompts: int = 4
     ratio: float = 0.1
     rectify_every: int = 32
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     corpora: tuple[str, ...] = ("essays", "bible", "shakespeare", "code")
     block_size: int = 16
     min_blocks: int = 16
@@ -48,6 +49,10 @@ class DriftSettings:
             return ResaConfig(mode="dense", **base)
         if mode == "sparse":
             return ResaConfig(mode="sparse", **{**base, "rectify_every": 0})
+        if mode == "resa-auto":  # paper variant, f from the measured agreement (docs/method.md 8)
+            return ResaConfig(mode="resa", **{**base, "rectify_every": "auto"})
+        if mode == "verify":  # docs/method.md 7: the output should equal dense
+            return ResaConfig(mode="verify", **base)
         return ResaConfig(mode="resa", rectify_variant=mode.split("-")[1], **base)
 
 
