@@ -68,3 +68,13 @@ def test_growth_from_a_short_start_keeps_windows_contiguous(engine, variant):
     widths = [w for _, _, w in out.stats.rectified_at]
     assert widths[:2] == [4, 8]  # grows after the first window
     _covered_once(out.stats, variant)
+
+
+def test_drift_eval_modes_for_auto_and_verify():
+    from resa.eval.drift import DriftSettings
+
+    s = DriftSettings(modes=("dense", "resa-auto", "verify"))
+    assert s.resa("resa-auto").rectify_auto and s.resa("resa-auto").mode == "resa"
+    assert s.resa("verify").mode == "verify" and s.resa("verify").active_ratio == s.ratio
+    with pytest.raises(ValueError, match="unknown drift modes"):
+        DriftSettings(modes=("verified",))
