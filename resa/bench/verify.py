@@ -83,7 +83,11 @@ def acceptance(args: argparse.Namespace) -> dict:
     device = engine.device
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return dict(kind="acceptance", model=args.model or "default (SmolLM2-135M-Instruct Q4_1)", card=card,
-                torch=torch.__version__, corpora=args.corpora, new_tokens=args.new, rows=rows)
+                torch=torch.__version__, corpora=args.corpora, new_tokens=args.new, rows=rows,
+                draft=[args.draft_min, args.draft_max],
+                command="python -m resa.bench.verify acceptance " + " ".join(
+                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in vars(args).items() if k not in ("what", "out", "stem", "model") and v is not None))
 
 
 def _check_small(device: torch.device) -> dict:
@@ -180,7 +184,9 @@ def markdown(result: dict) -> str:
     if result["kind"] == "acceptance":
         lines = [f"# Verify-mode acceptance, {result['model']}, {result['card']}", "",
                  f"Corpora {', '.join(result['corpora'])}; {result['new_tokens']} new tokens per prompt; "
-                 "adaptive draft length; 95% intervals over prompts.", "",
+                 f"draft length {_draft(result)}; 95% intervals over prompts (normal, over the prompts' "
+                 "values). Greedy rows were checked token for token against dense decoding.", "",
+                 f"`{result.get('command', '')}`", "",
                  "| prompt tokens | active | temperature | prompts | acceptance | per-token acceptance | "
                  "tokens/window | mean w | greedy identical to dense |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
@@ -205,6 +211,11 @@ def markdown(result: dict) -> str:
                      f"pass slope {row['window_slope_model']:.3f}/token, break-even alpha "
                      f"{row['break_even_alpha_model']:.3f} | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _draft(result: dict) -> str:
+    lo, hi = result.get("draft", [None, None])
+    return "adaptive" if lo is None else (f"fixed at {lo}" if lo == hi else f"adaptive in {lo}..{hi}")
 
 
 def main(argv=None) -> None:
