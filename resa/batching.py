@@ -230,9 +230,7 @@ class Batcher:
         request.stop = validate.check_stop(request.stop)
         request.eos_token_ids = validate.check_token_ids("eos_token_ids", request.eos_token_ids,
                                                          self.engine.model.cfg.vocab_size)
-        if request.resa.block_size != self.block_size:
-            raise UsageError(f"this batcher's KV blocks hold {self.block_size} tokens; a request's block_size must "
-                             f"match (got {request.resa.block_size})")
+        self.check_resa(request.resa)
         total = len(ids) + request.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -244,6 +242,16 @@ class Batcher:
             raise CacheTooLargeError(
                 f"the request needs {need * self.pool.block_bytes / 2**30:.2f} GiB of KV blocks, more than the whole "
                 f"pool ({limit * self.pool.block_bytes / 2**30:.2f} GiB); shorten the prompt or lower max_tokens")
+
+    def check_resa(self, resa: ResaConfig) -> None:
+        """The ReSA settings a continuous batch runs: its block size, and a fixed cadence (mode
+        "verify" and rectify_every="auto" run through `Engine.generate` for now)."""
+        if resa.block_size != self.block_size:
+            raise UsageError(f"this batcher's KV blocks hold {self.block_size} tokens; a request's block_size must "
+                             f"match (got {resa.block_size})")
+        if resa.mode == "verify" or resa.rectify_auto:
+            raise UsageError('continuous batching runs modes dense, sparse and resa with a fixed rectify_every; '
+                             'mode="verify" and rectify_every="auto" run through Engine.generate (resa generate)')
 
     def start(self) -> None:
         """Run the batching loop on a background thread until `shutdown`."""

@@ -10,9 +10,14 @@ from .errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-MODES = ("dense", "sparse", "resa")
+MODES = ("dense", "sparse", "resa", "verify")
 RECTIFY_VARIANTS = ("paper", "fused")
 GROUP_POOLS = ("mean", "max")
+# Longest draft of mode "verify": its dense pass covers draft + 1 tokens, within the window width
+# the chunk kernel and the compiled layer halves take (128).
+DRAFT_LIMIT = 127
+# rectify_every="auto" starts at the paper's f.
+AUTO_START = 32
 
 
 __all__ = ["ConfigError", "UnsupportedModelError", "GROUP_POOLS", "MODES", "ModelConfig", "RECTIFY_VARIANTS", "ROPE_TYPES",
@@ -249,12 +254,18 @@ class ResaConfig:
     """ReSA decoding settings (defaults from the paper; see docs/method.md sections 2-3).
 
     mode: "dense" (full attention every step), "sparse" (block-sparse decode, never rectified),
-        "resa" (block-sparse decode + a dense rectification pass every `rectify_every` tokens).
+        "resa" (block-sparse decode + a dense rectification pass every `rectify_every` tokens),
+        "verify" (sparse steps draft tokens that one dense pass checks: output identical to dense
+        decoding, docs/method.md section 7).
     block_size: tokens per KV block (BS).
     active_ratio: fraction of blocks kept per step; >= 1 means dense.
     min_blocks: blocks always kept (so short contexts stay dense: min_blocks * block_size tokens).
     local_blocks: the newest blocks that are always selected.
-    rectify_every: f, generated tokens between rectifications; 0 never rectifies.
+    rectify_every: f, generated tokens between rectifications; 0 never rectifies; "auto" (the same
+        as rectify_auto=True with f starting at 32) moves f with the measured drift.
+    rectify_auto: mode "resa": after every rectification pass, f doubles when the tokens the
+        sparse steps produced agreed with the dense argmax nearly everywhere and halves when they
+        did not, within [rectify_min, rectify_max] (docs/method.md section 8).
     rectify_variant: "paper" (separate dense pass over the last f tokens) or "fused" (the dense
         pass over the f-1 sparse-made tokens also feeds the newest token and gives the next logits).
     prefill_chunk: tokens per dense prefill chunk.
@@ -262,6 +273,8 @@ class ResaConfig:
         bound of the group's mean query) or "max" (each head's own bound, the largest over the
         group: a block one head needs is not averaged away by its group mates; G times the
         scoring arithmetic, same bytes read).
+    draft_min, draft_max: mode "verify": bounds of the draft length w (sparse steps per dense
+        verification pass), chosen per row from its acceptance rate (equal bounds: a fixed w).
     """
 
     mode: str = "resa"
@@ -273,8 +286,16 @@ class ResaConfig:
     rectify_variant: str = "paper"
     prefill_chunk: int = 1024
     group_pool: str = "mean"
+    draft_min: int = 2
+    draft_max: int = 64
+    rectify_auto: bool = False
+    rectify_min: int = 8
+    rectify_max: int = 128
 
     def __post_init__(self) -> None:
+        if self.rectify_every == "auto":
+            object.__setattr__(self, "rectify_every", AUTO_START)
+            object.__setattr__(self, "rectify_auto", True)
         _choice("mode", self.mode, MODES)
         _choice("rectify_variant", self.rectify_variant, RECTIFY_VARIANTS)
         _choice("group_pool", self.group_pool, GROUP_POOLS)
@@ -289,9 +310,21 @@ class ResaConfig:
                 f"local_blocks must be an integer in [1, min_blocks={self.min_blocks}], got {self.local_blocks!r}"
             )
         if not is_int(self.rectify_every) or self.rectify_every < 0:
-            raise ConfigError(f"rectify_every (f) must be an integer >= 0, got {self.rectify_every!r}")
+            raise ConfigError(f"rectify_every (f) must be an integer >= 0 or \"auto\", got {self.rectify_every!r}")
+        if not isinstance(self.rectify_auto, bool):
+            raise ConfigError(f"rectify_auto must be True or False, got {self.rectify_auto!r}")
+        if not is_int(self.rectify_min) or not 2 <= self.rectify_min <= DRAFT_LIMIT:
+            raise ConfigError(f"rectify_min must be an integer in [2, {DRAFT_LIMIT}], got {self.rectify_min!r}")
+        if not is_int(self.rectify_max) or not self.rectify_min <= self.rectify_max <= DRAFT_LIMIT + 1:
+            raise ConfigError(f"rectify_max must be an integer in [rectify_min={self.rectify_min}, {DRAFT_LIMIT + 1}], "
+                              f"got {self.rectify_max!r}")
         if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        if not is_int(self.draft_min) or not 1 <= self.draft_min <= DRAFT_LIMIT:
+            raise ConfigError(f"draft_min must be an integer in [1, {DRAFT_LIMIT}], got {self.draft_min!r}")
+        if not is_int(self.draft_max) or not self.draft_min <= self.draft_max <= DRAFT_LIMIT:
+            raise ConfigError(f"draft_max must be an integer in [draft_min={self.draft_min}, {DRAFT_LIMIT}], "
+                              f"got {self.draft_max!r}")
 
     @property
     def is_dense(self) -> bool:

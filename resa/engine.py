@@ -273,7 +273,9 @@ class Engine:
             )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        runner = self._acquire(len(lens), need, resa.block_size, keep_cache)
+        # Mode "verify" drafts past a row's last token: room for one longest round more.
+        slack = resa.draft_max + 1 if resa.mode == "verify" else 0
+        runner = self._acquire(len(lens), need + slack, resa.block_size, keep_cache)
         # Rows past the prompts (a batch bucket's spare rows) decode a 1-token dummy prompt.
         rows = list(prompt_ids) + [[0]] * (runner.batch - len(lens))
         self._check_pool_fits(runner, rows, max_new_tokens)
@@ -348,7 +350,8 @@ class Engine:
         sink = Collector(rows, eos_token_ids, on_token)
         gen = make_generator(sampling, self.device)
         stats = decode(runner, logits, resa=resa, pick=lambda lg, t: sample(lg, sampling, gen), sink=sink,
-                       max_new_tokens=max_new_tokens, rows=rows, sync_every=sync_every)
+                       max_new_tokens=max_new_tokens, rows=rows, sync_every=sync_every, sampling=sampling,
+                       generator=gen)
         if self.device.type == "cuda":
             stats.peak_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
         stats.new_tokens = [len(o) for o in sink.outputs]

@@ -16,8 +16,10 @@ import torch
 
 from .config import ResaConfig
 from .cost import feed_reads
+from .errors import UsageError
 from .rectify import Feed, schedule
 from .runner import Runner
+from .sampling import SamplingConfig
 
 
 @dataclass
@@ -39,6 +41,36 @@ class GenerationStats:
     kv_tokens_read: int = 0
     kv_tokens_dense: int = 0
     peak_memory_gib: float | None = None  # CUDA only: weights + cache + activations
+    # mode "verify" (resa/verify.py): verification passes, drafts proposed and accepted (rows
+    # still generating), tokens those passes emitted and their row count, the batch's draft
+    # length of each pass, each row's last chosen draft length
+    windows: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0  # verification passes (per row) that rejected a draft
+    window_tokens: int = 0
+    row_windows: int = 0
+    draft_widths: list[int] = field(default_factory=list)
+    row_draft_lengths: list[int] = field(default_factory=list)
+    # rectify_every="auto": the agreement of each rectification window (its f is in rectified_at)
+    rectify_agreement: list[float] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Mode "verify": drafted tokens the dense pass accepted (NaN when none was drafted)."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def token_acceptance(self) -> float:
+        """Mode "verify": the per-token acceptance estimate accepted / (accepted + rejections),
+        which does not depend on the draft length (each rejection ends a pass's accepted run)."""
+        n = self.accepted + self.rejections
+        return self.accepted / n if n else float("nan")
+
+    @property
+    def tokens_per_window(self) -> float:
+        """Mode "verify": tokens a row got per verification pass (accepted drafts + 1)."""
+        return self.window_tokens / self.row_windows if self.row_windows else float("nan")
 
     @property
     def kv_read_fraction(self) -> float:
@@ -67,7 +99,15 @@ class GenerationStats:
             + (f" graph_capture={self.capture_seconds:.2f}s" if self.capture_seconds else "")
             + (f" prefix_cached={self.prefix_cached_tokens}" if self.prefix_cached_tokens else "")
             + (f" peak_memory={self.peak_memory_gib:.1f}GiB" if self.peak_memory_gib is not None else "")
+            + (self._verify_summary() if self.mode == "verify" else "")
+            + (f" f_auto={sum(w for _, _, w in self.rectified_at) / len(self.rectified_at):.1f}"
+               if self.rectify_agreement else "")
         )
+
+    def _verify_summary(self) -> str:
+        mean_w = sum(self.draft_widths) / len(self.draft_widths) if self.draft_widths else 0.0
+        return (f" windows={self.windows} accept={self.acceptance_rate:.3f} tokens/window={self.tokens_per_window:.2f} "
+                f"draft_w={mean_w:.1f}")
 
 
 class Sink(Protocol):
@@ -84,18 +124,20 @@ Picker = Callable[[torch.Tensor, int], torch.Tensor]
 TokenWindow = Callable[[Sequence[int], int, int], torch.Tensor]
 
 
-def feed_rows(runner: Runner, feeds: dict[int, tuple[Feed, ResaConfig]], tokens: TokenWindow
+def feed_rows(runner: Runner, feeds: dict[int, tuple[Feed, ResaConfig]], tokens: TokenWindow,
+              on_window: Callable[[list[int], Feed, torch.Tensor], None] | None = None
               ) -> list[tuple[list[int], torch.Tensor]]:
     """Run the passes that feed each listed row its newest token as its `Feed` (from
     `resa.rectify.schedule`) says: paper rewrites first, then fused windows, then decode steps.
     Rows that need the same pass share it: one pass for every row of the runner (the lock-step
     loop), or a masked pass of the rows that take it (a continuous batch); steps group by their
     sparse settings. Returns (rows, logits [B, V]) of each pass that gave next-token logits;
-    every listed row appears in exactly one."""
-    every = len(feeds) == runner.batch
+    every listed row appears in exactly one. on_window(rows, feed, logits [B, W, V]): given the
+    logits of every position of each rectification pass (rewrite or window)."""
+    all_rows = len(feeds) == runner.batch
 
     def mask(rows: list[int]) -> list[bool] | None:
-        if every and len(rows) == runner.batch:
+        if all_rows and len(rows) == runner.batch:
             return None
         on = set(rows)
         return [b in on for b in range(runner.batch)]
@@ -110,9 +152,18 @@ def feed_rows(runner: Runner, feeds: dict[int, tuple[Feed, ResaConfig]], tokens:
             windows.setdefault(feed.window, []).append(b)
         else:
             steps.setdefault(selection_settings(resa) if feed.sparse else None, []).append(b)
+    every = on_window is not None
     for f, rows in rewrites.items():
-        runner.window(tokens(rows, -1 - f, -1), f, mask(rows))
-    out = [(rows, runner.window(tokens(rows, -w, 0), w - 1, mask(rows))) for w, rows in windows.items()]
+        logits = runner.window(tokens(rows, -1 - f, -1), f, mask(rows), every)
+        if every:
+            on_window(rows, feeds[rows[0]][0], logits)
+    out = []
+    for w, rows in windows.items():
+        logits = runner.window(tokens(rows, -w, 0), w - 1, mask(rows), every)
+        if every:
+            on_window(rows, feeds[rows[0]][0], logits)
+            logits = logits[:, -1]
+        out.append((rows, logits))
     for sparse, rows in steps.items():
         out.append((rows, runner.step(tokens(rows, -1, 0)[:, 0], sparse, active=mask(rows))))
     return out
@@ -150,7 +201,8 @@ class Collector:
 
 def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Picker, sink: Sink,
            max_new_tokens: int, rows: int | None = None, sync_every: int = 1,
-           stats: GenerationStats | None = None) -> GenerationStats:
+           stats: GenerationStats | None = None, sampling: SamplingConfig | None = None,
+           generator: torch.Generator | None = None) -> GenerationStats:
     """Generate up to `max_new_tokens` per row from a prefilled runner.
 
     logits: [B, V] of each row's last cached token (token 0 is picked from them). Token t >= 1
@@ -158,11 +210,27 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
     rectification window). rows: the first `rows` rows are real (the others fill a batch bucket
     and are never shown to the sink). Tokens reach `sink` every `sync_every` tokens (and at the
     end); the steps after a row's stop inside a group are wasted work, not output.
+
+    Mode "verify" runs `resa.verify.decode_verify` instead, which needs the distribution itself:
+    `sampling` (and its `generator`) replace `pick` there.
     """
+    if resa.mode == "verify" and not resa.is_dense:
+        if sampling is None:
+            raise UsageError('mode="verify" needs the sampling settings (sampling=SamplingConfig(...)), not only a '
+                             "token picker; generate through resa.Engine")
+        from .verify import decode_verify
+
+        return decode_verify(runner, logits, resa=resa, sampling=sampling, generator=generator, sink=sink,
+                             max_new_tokens=max_new_tokens, rows=rows, stats=stats)
     B = runner.batch
     rows = B if rows is None else rows
     if stats is None:
         stats = GenerationStats("dense" if resa.is_dense else resa.mode, resa.rectify_variant, runner.lengths[:rows])
+    cadence = None
+    if resa.rectify_auto and resa.rectifies:
+        from .adaptive import Cadence
+
+        cadence = Cadence(resa)
     history = torch.empty(B, max_new_tokens, dtype=torch.int64, device=runner.device)
     checked = 0
     capture0 = runner.capture_seconds
@@ -178,9 +246,12 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
         if last:
             break
         before = runner.lengths[:rows]
-        feed = schedule(t, resa, max(before))
+        feed = schedule(t, resa, max(before)) if cadence is None else cadence.feed(t, max(before))
+        # rectify_every="auto": every window pass's logits at all positions measure the drift
+        on_window = None if cadence is None else \
+            (lambda _, fd, lg, t=t: cadence.observe(t, fd, lg, history, rows))
         ((_, logits),) = feed_rows(runner, {b: (feed, resa) for b in range(B)},
-                                   lambda _, lo, hi: history[:, t + 1 + lo:t + 1 + hi])
+                                   lambda _, lo, hi: history[:, t + 1 + lo:t + 1 + hi], on_window)
         after = runner.lengths[:rows]
         stats.decode_steps += 1
         if feed.rectifies:
@@ -192,6 +263,8 @@ def decode(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, pick: Pick
         stats.kv_tokens_read += sum(feed_reads(feed, n0, n1, resa) for n0, n1 in zip(before, after))
     stats.decode_seconds = wall_clock(runner.device) - t0
     stats.capture_seconds += runner.capture_seconds - capture0
+    if cadence is not None:
+        stats.rectify_agreement = [a for _, a in cadence.history]
     return stats
 
 

@@ -204,10 +204,12 @@ class Transformer(nn.Module):
     graph_safe = True
 
     def run(self, tokens: torch.Tensor, cache: KVCache, span: Span, sparse: ResaConfig | None,
-            cols: int | torch.Tensor = -1, observe: attn.QueryObserver | None = None) -> torch.Tensor:
+            cols: int | torch.Tensor | None = -1, observe: attn.QueryObserver | None = None) -> torch.Tensor:
         """`forward`, then the fp32 logits [B, V] of one column per row: `cols` (an int for every
-        row, or a [B] tensor of columns)."""
+        row, or a [B] tensor of columns); cols None: the logits [B, T, V] of every column."""
         hidden = self.forward(tokens, cache, span, sparse, observe)
+        if cols is None:
+            return self.logits(hidden)
         if isinstance(cols, int):
             return self.logits(hidden[:, cols])
         return self.logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), cols])

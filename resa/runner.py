@@ -166,14 +166,16 @@ class Runner:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
-    def window(self, tokens: torch.Tensor, overwrite: int, active: Sequence[bool] | None = None) -> torch.Tensor:
+    def window(self, tokens: torch.Tensor, overwrite: int, active: Sequence[bool] | None = None,
+               every: bool = False) -> torch.Tensor:
         """Dense pass over tokens [B, W] whose first `overwrite` entries are already the newest
         `overwrite` tokens of every row (their K/V is rewritten in every layer) and the rest are
-        appended. Returns fp32 logits [B, V] of the last position. active: only these rows take
-        the pass (see `step`)."""
+        appended. Returns fp32 logits [B, V] of the last position (every: [B, W, V] of all W).
+        active: only these rows take the pass (see `step`)."""
         if active is not None:
-            return self._rows_pass(tokens, overwrite, active, None, None)
+            return self._rows_pass(tokens, overwrite, active, None, None, every)
         W = tokens.shape[1]
+        cols = None if every else -1
         start = [n - overwrite for n in self.lengths]
         if min(start) < 0:
             raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding {min(self.lengths)}")
@@ -183,19 +185,21 @@ class Runner:
             cache = self.cache
 
             def fn(tok: torch.Tensor) -> torch.Tensor:
-                return self.model.run(tok, cache, Span.on_device(cache.lengths - overwrite, W), None, -1)
+                return self.model.run(tok, cache, Span.on_device(cache.lengths - overwrite, W), None, cols)
 
-            logits = self.graphs.run(("window", W, overwrite), fn, tokens)
+            logits = self.graphs.run(("window", W, overwrite) + (("every",) if every else ()), fn, tokens)
         else:
-            logits = self.model.run(tokens, self.cache, Span.make(start, [W] * self.batch, W, self.device), None, -1)
+            logits = self.model.run(tokens, self.cache, Span.make(start, [W] * self.batch, W, self.device), None, cols)
         self.lengths = [s + W for s in start]
         return logits
 
     def _rows_pass(self, tokens: torch.Tensor, overwrite: int, active: Sequence[bool], sparse: ResaConfig | None,
-                   observe: attn.QueryObserver | None) -> torch.Tensor:
+                   observe: attn.QueryObserver | None, every: bool = False) -> torch.Tensor:
         """A decode step (W = 1, overwrite 0, sparse or dense) or dense window of only the `active`
         rows: each rewrites its newest `overwrite` tokens and appends the rest of tokens [B, W];
-        the other rows are untouched. Graphs replay it with a device-side row mask."""
+        the other rows are untouched. Graphs replay it with a device-side row mask. Returns the
+        logits [B, V] of the last position (every: [B, W, V]); the other rows' mean nothing."""
+        cols = None if every else -1
         active = [bool(a) for a in active]
         if len(active) != self.batch or not any(active):
             raise ValueError(f"active needs one flag per row ({self.batch}) and at least one True, got {active}")
@@ -214,19 +218,19 @@ class Runner:
 
             def fn(tok: torch.Tensor) -> torch.Tensor:
                 span = Span.on_device(cache.lengths - overwrite * mask, W, mask * W)
-                return self.model.run(tok, cache, span, sparse, -1)
+                return self.model.run(tok, cache, span, sparse, cols)
 
-            logits = self.graphs.run(("rows", W, overwrite, sparse), fn, tokens)
+            logits = self.graphs.run(("rows", W, overwrite, sparse, every), fn, tokens)
         else:
             # Eagerly only the active rows run (through a view of them): on a CPU, or wherever a
             # pass is compute-bound, rows that sit it out cost nothing.
             rows = [b for b, a in enumerate(active) if a]
             view = self.cache.rows_view(rows)
             span = Span.make([start[b] for b in rows], [W] * len(rows), W, self.device)
-            part = self.model.run(tokens[rows], view, span, sparse, -1, observe)
+            part = self.model.run(tokens[rows], view, span, sparse, cols, observe)
             idx = torch.tensor(rows, device=self.device)
             self.cache.lengths[idx] = view.lengths
-            logits = part.new_zeros(self.batch, part.shape[1])
+            logits = part.new_zeros(self.batch, *part.shape[1:])
             logits[idx] = part
         self.lengths = [s + n for s, n in zip(start, n_valid)]
         return logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .config import ConfigError, is_int, is_number
 
@@ -51,6 +52,16 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """logits: [B, V] -> next token ids [B] (int64)."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, cfg), 1, generator=generator)[:, 0]
+
+
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits: [..., V] -> the fp32 distribution [..., V] that `sample` draws from (temperature,
+    then top-k, then top-p); greedy (temperature 0) gives one-hot rows of the argmax."""
+    if cfg.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1])
     # Shift by the row maximum first, so the best token scores 0 whatever the temperature; and
     # hold the temperature above 1e-30 (it becomes 0 in fp32 below ~1e-45: 0/0 = NaN). Below that
     # every distinct fp32 logit gap is already worth > 1e20 nats, so the distribution is the same.
@@ -66,5 +77,4 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return scores.softmax(dim=-1).reshape(shape)

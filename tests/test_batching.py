@@ -171,6 +171,9 @@ def test_requests_wait_for_blocks_and_refusals_are_clear():
         batcher.submit(Request([4], resa=cfg))
     with pytest.raises(ValueError, match="block_size must match"):
         Batcher(engine, block_size=4).submit(Request([1], resa=ResaConfig()))
+    for unsupported in (cfg.with_(mode="verify"), cfg.with_(rectify_every="auto")):
+        with pytest.raises(ValueError, match="Engine.generate"):
+            batcher.submit(Request([1], resa=unsupported))
 
 
 def test_background_loop_serves_and_drains(engine):

@@ -258,10 +258,10 @@ class _WindowSpy(Runner):
         super().__init__(*args, **kwargs)
         self.rewrites = []
 
-    def window(self, tokens, overwrite, active=None):
+    def window(self, tokens, overwrite, active=None, every=False):
         lo = [n - overwrite for n in self.lengths]
         before = [self.cache.row(b, lo[b] + overwrite).k[:, :, lo[b]:] for b in range(self.batch)]
-        logits = super().window(tokens, overwrite, active)
+        logits = super().window(tokens, overwrite, active, every)
         after = [self.cache.row(b, lo[b] + overwrite).k[:, :, lo[b]:] for b in range(self.batch)]
         if overwrite:
             self.rewrites.append((lo, before, after))

@@ -120,12 +120,12 @@ def test_free_blocks_are_never_read():
     def poisoning_decode(runner, logits, **kw):
         step = runner.step
 
-        def poisoned_step(tokens, sparse, observe=None):
+        def poisoned_step(tokens, sparse, observe=None, active=None):
             held = {b for row in runner.cache.blocks for b in row}
             free = torch.tensor([b for b in range(pool.num_blocks) if b not in held])
             for t in (pool.k, pool.v, pool.kmin, pool.kmax):
                 t[:, free] = float("nan")
-            return step(tokens, sparse, observe)
+            return step(tokens, sparse, observe, active)
 
         runner.step = poisoned_step
         return original(runner, logits, **kw)

@@ -138,4 +138,11 @@ def _json_line(i: int, text: str, finish: str, result=None) -> str:
                           "tokens_per_second": tps if tps == tps else None,
                           "kv_read_fraction": s.kv_read_fraction, "rectifications": s.rectifications,
                           "prefix_cached_tokens": s.prefix_cached_tokens})
+        if s.mode == "verify":
+            obj["stats"].update(verify_windows=s.windows, acceptance_rate=_finite(s.acceptance_rate),
+                                tokens_per_window=_finite(s.tokens_per_window), draft_lengths=s.row_draft_lengths)
     return json.dumps(obj, ensure_ascii=False)
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x else None

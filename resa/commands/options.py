@@ -17,7 +17,9 @@ ReSA settings (Rectified Sparse Attention):
   --min-blocks blocks, and always the newest --local-blocks), so contexts under
   min_blocks x block_size tokens stay dense. Every --rectify-every (f) generated tokens the last
   f tokens are re-encoded by one dense pass that overwrites their KV, so sparse errors cannot pile
-  up. --mode sparse never rectifies; --mode dense is the baseline.
+  up. --mode sparse never rectifies; --mode dense is the baseline. --mode verify uses the dense
+  pass as a checker instead: sparse steps draft up to --draft-max tokens, the dense pass keeps the
+  ones dense decoding would have produced, so the output is dense decoding's.
 """
 
 
@@ -27,15 +29,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """ReSA and sampling settings, and the stop strings."""
-    p.add_argument("--mode", choices=("resa", "sparse", "dense"), default="resa",
-                   help="resa (sparse steps + rectification, default), sparse (never rectify) or dense")
+    p.add_argument("--mode", choices=("resa", "sparse", "dense", "verify"), default="resa",
+                   help="resa (sparse steps + rectification, default), sparse (never rectify), dense, or verify "
+                        "(sparse steps draft, the dense pass checks them: output identical to dense)")
     p.add_argument("--active-ratio", type=float, default=0.1, help="fraction of blocks read per step (default 0.1)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--min-blocks", type=int, default=16, help="blocks always kept (default 16)")
     p.add_argument("--local-blocks", type=int, default=1, help="newest blocks always kept (default 1)")
-    p.add_argument("-f", "--rectify-every", type=int, default=32, help="rectify every f tokens (default 32)")
+    p.add_argument("-f", "--rectify-every", type=_rectify_every, default=32,
+                   help="rectify every f tokens (default 32); auto: f moves with the measured drift")
     p.add_argument("--rectify-variant", choices=("paper", "fused"), default="paper",
                    help="paper: separate dense pass; fused: the dense pass also feeds the newest token")
+    p.add_argument("--draft-min", type=int, default=2, help="--mode verify: shortest draft per dense check (default 2)")
+    p.add_argument("--draft-max", type=int, default=64,
+                   help="--mode verify: longest draft per dense check (default 64; the length adapts in between)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk")
     p.add_argument("--group-pool", choices=GROUP_POOLS, default="mean",
                    help="block score of a KV group: mean = the bound of the heads' mean query (the paper's), "
@@ -47,6 +54,15 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="sample from the smallest set of tokens whose probability reaches p (default 1.0 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one each run)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _rectify_every(text: str):
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +94,7 @@ def check_settings(args: argparse.Namespace):
         min_blocks=args.min_blocks, local_blocks=args.local_blocks,
         rectify_every=args.rectify_every, rectify_variant=args.rectify_variant,
         prefill_chunk=args.prefill_chunk, group_pool=args.group_pool,
+        draft_min=args.draft_min, draft_max=args.draft_max,
     )
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     validate.check_generation_args(resa=resa, sampling=sampling, max_new_tokens=args.max_new_tokens)

@@ -121,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     dr.add_argument("--prompts", type=_positive, default=4)
     dr.add_argument("--ratio", type=float, default=0.1)
     dr.add_argument("--rectify-every", type=int, default=32)
-    dr.add_argument("--modes", default="dense,sparse,resa-paper,resa-fused")
+    dr.add_argument("--modes", default="dense,sparse,resa-paper,resa-fused",
+                    help="comma-separated: dense, sparse, resa-paper, resa-fused, resa-auto (rectify_every=auto), verify")
     dr.add_argument("--corpora", default="essays,bible,shakespeare,code")
     dr.set_defaults(func=_drift)
 

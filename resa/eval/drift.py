@@ -20,6 +20,8 @@ from .data import token_sequences
 from .stats import cluster_bootstrap
 
 MODES = ("dense", "sparse", "resa-paper", "resa-fused")
+# Also accepted, on request (--modes): rectify_every="auto" and mode "verify".
+EXTRA_MODES = ("resa-auto", "verify")
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,9 @@ class DriftSettings:
     seed: int = 1
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if m not in MODES + EXTRA_MODES]
         if bad:
-            raise ValueError(f"unknown drift modes {bad}; choose from {', '.join(MODES)}")
+            raise ValueError(f"unknown drift modes {bad}; choose from {', '.join(MODES + EXTRA_MODES)}")
 
     def resa(self, mode: str) -> ResaConfig:
         base = dict(block_size=self.block_size, active_ratio=self.ratio, min_blocks=self.min_blocks,
@@ -48,6 +50,10 @@ class DriftSettings:
             return ResaConfig(mode="dense", **base)
         if mode == "sparse":
             return ResaConfig(mode="sparse", **{**base, "rectify_every": 0})
+        if mode == "resa-auto":  # paper variant, f from the measured agreement (docs/method.md 8)
+            return ResaConfig(mode="resa", **{**base, "rectify_every": "auto"})
+        if mode == "verify":  # docs/method.md 7: the output should equal dense
+            return ResaConfig(mode="verify", **base)
         return ResaConfig(mode="resa", rectify_variant=mode.split("-")[1], **base)
 
 

@@ -486,6 +486,7 @@ def create_app(engine, settings: ServerSettings | None = None, batcher: Batcher 
         batcher = Batcher(engine, max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens, max_waiting=settings.max_waiting,
                           block_size=settings.resa.block_size)
+    batcher.check_resa(settings.resa)  # the server's defaults must be settings it can serve
     metrics = ServerMetrics(batcher, settings.model_names[0])
     batcher.observe = metrics.observe
     server = _Server(engine, batcher, settings, metrics)
