@@ -96,18 +96,19 @@ def expected_tokens(alpha: float, w: int) -> float:
 
 class Costs(NamedTuple):
     """A round's costs in dense decode steps: `step`, one sparse draft step; the verification
-    pass over w + 1 tokens, 1 + w * `window_slope` (one read of the weights and the cache, plus
-    the arithmetic of w more tokens)."""
+    pass over w + 1 tokens and the round's fixed work, `pass_base` + w * `window_slope` (one read
+    of the weights and the cache, plus the arithmetic of w more tokens)."""
 
     step: float
     window_slope: float = 0.0
+    pass_base: float = 1.0
 
 
 def speedup(alpha: float, w: int, cost: "Costs | float") -> float:
     """Tokens per unit of cost of a round over dense decoding (1 token per dense step): w sparse
     steps plus the verification pass (`Costs`; a float is the step cost with a flat pass)."""
-    step, slope = (cost, 0.0) if isinstance(cost, (int, float)) else cost
-    return expected_tokens(alpha, w) / (w * step + 1.0 + w * slope)
+    step, slope, base = (cost, 0.0, 1.0) if isinstance(cost, (int, float)) else cost
+    return expected_tokens(alpha, w) / (w * step + base + w * slope)
 
 
 def draft_grid(lo: int, hi: int) -> list[int]:
@@ -166,6 +167,14 @@ class DraftLength:
 # shapes: 2.25x / 2.6x a dense step).
 A_ATTN = 110.0
 A_MM = 140.0
+# The fixed work of a round beyond one dense step (all-position logits, rollback, host sync, the
+# pass's own inefficiency at few tokens), in dense steps: measured on an H200 at 128K, batch 4,
+# Qwen2.5-7B shapes, a round costs 1.6 dense steps + its drafts (benchmarks/verify).
+ROUND_OVERHEAD = 0.6
+# What a sparse step costs beyond its bytes (selection, kernel efficiency), in dense steps: the
+# H200 measures 0.58 / 0.45 of a dense step at 128K / 256K, batch 4, where the bytes give 0.43 /
+# 0.32 (benchmarks/e2e/h200_public_loop.md).
+STEP_OVERHEAD = 0.15
 
 
 def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int], weights: int | None = None) -> Costs:
@@ -188,7 +197,7 @@ def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int], weights:
     dense = weights + kv
     sparse = weights + kv_tok * sum(sparse_step_reads(n, resa) for n in lengths)
     slope = (cfg.group_size * kv / A_ATTN + weights / A_MM) / dense
-    return Costs(sparse / dense, slope)
+    return Costs(sparse / dense + STEP_OVERHEAD, slope, 1.0 + ROUND_OVERHEAD)
 
 
 # ---- the loop ----
