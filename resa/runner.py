@@ -208,11 +208,13 @@ class Runner:
         if min(start) < 0:
             raise ValueError(f"cannot rewrite {overwrite} tokens of a row holding {min(self.lengths)}")
         n_valid = [W if a else 0 for a in active]
+        graphed = self.graphs is not None and observe is None
+        if graphed:
+            self.cache.ensure_sink()  # before _reserve: a pool that grows for it drops stale graphs
         self._reserve(start, [s + n for s, n in zip(start, n_valid)])
         tokens = tokens.to(self.device)
-        if self.graphs is not None and observe is None:
+        if graphed:
             cache = self.cache
-            cache.ensure_sink()
             mask = self._row_mask()
             mask.copy_(torch.tensor(active, dtype=torch.int64), non_blocking=True)
 
