@@ -273,7 +273,8 @@ class KVCache:
         any, so reserve on this cache first)."""
         view = KVCache.__new__(KVCache)
         idx = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
-        view.pool, view.block_size, view.capacity, view.max_blocks = self.pool, self.block_size, self.capacity, self.max_blocks
+        view.pool, view.block_size = self.pool, self.block_size
+        view.capacity, view.max_blocks = self.capacity, self.max_blocks
         view.blocks = [self.blocks[b] for b in rows]
         view.pages, view.lengths = self.pages[idx], self.lengths[idx]
         view._plans, view.sink, view._is_view = {}, None, True
