@@ -290,7 +290,11 @@ class Batcher:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._incoming or self.waiting or self._cancelled) or self.num_running > 0
+            return self._pending()
+
+    def _pending(self) -> bool:
+        """Anything queued, cancelled or running (the caller holds the lock)."""
+        return bool(self._incoming or self.waiting or self._cancelled) or self.num_running > 0
 
     def blocks_in_use(self) -> int:
         """Pool blocks held by requests (the decode runner's sink block excluded)."""
@@ -307,9 +311,9 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._incoming or self.waiting or self._cancelled or self.num_running or self._stopping):
+                while not (self._pending() or self._stopping):
                     self._lock.wait()
-                if self._stopping and not (self._incoming or self.waiting or self._cancelled or self.num_running):
+                if self._stopping and not self._pending():
                     return
             try:
                 self.step()
@@ -338,29 +342,22 @@ class Batcher:
         self.counters.iterations += 1
 
     def _admit(self) -> None:
-        alloc, bs = self.pool.allocator, self.block_size
+        bs = self.block_size
         while self.waiting and None in self.slots:
             a = self.waiting[0]
             prompt = a.req.prompt_ids
-            runner = self.engine._runner(self.pool, 1, len(prompt))
-            taken: list[int] = []
-            if self.engine.prefix_caching:
-                a.hashes = block_hashes(prompt, bs)
-                taken = alloc.lookup(a.hashes[:shareable_blocks(len(prompt), bs)])
-                runner.cache.attach(0, taken)
+            a.prefill = self.engine._runner(self.pool, 1, len(prompt))
+            a.hashes = block_hashes(prompt, bs) if self.engine.prefix_caching else []
+            cached = self._take_cached(a)
             outstanding = sum(b.outstanding(bs, self._held(b)) for b in self.slots if b is not None)
-            if a.outstanding(bs, len(taken)) + outstanding > self.pool.available():
-                runner.cache.release()
+            if a.outstanding(bs, self._held(a)) + outstanding > self.pool.available():
+                a.prefill.cache.release()
+                a.prefill, a.computed = None, 0
                 return  # the oldest waits for blocks; later ones wait behind it
             self.waiting.popleft()
             a.slot = self.slots.index(None)
             self.slots[a.slot] = a
-            a.prefill = runner
-            a.computed = len(taken) * bs
-            runner.lengths = [a.computed]
-            runner.cache.lengths.fill_(a.computed)
-            a.req.stats.cached_tokens = a.computed
-            self.counters.prefix_cache_hit_tokens += a.computed
+            self._count_cached(a, cached)
             self.counters.prompt_tokens += len(prompt)
 
     def _held(self, a: _Live) -> int:
@@ -374,7 +371,7 @@ class Batcher:
                 break
             # Older prompts went first: blocks of a shared prefix one of them just computed are
             # taken, not computed again (prompts that arrive together leapfrog through it).
-            self._take_cached(a)
+            self._count_cached(a, self._take_cached(a))
             prompt = a.req.prompt_ids
             n = min(len(prompt) - a.computed, budget)
             budget -= n
@@ -387,21 +384,25 @@ class Batcher:
                 self._to_slot(a)
                 self._emit(a, self._pick(a, logits[0:1]))
 
-    def _take_cached(self, a: _Live) -> None:
-        """Take the blocks of a's prompt that other prompts cached since it was admitted (while
-        a's prefill stands at a block boundary)."""
+    def _take_cached(self, a: _Live) -> int:
+        """Take the cached blocks that continue a's prompt where its prefill stands (at a block
+        boundary): at admission, and before each chunk (what other prompts cached since).
+        Returns the prompt tokens taken."""
         bs = self.block_size
         k, usable = a.computed // bs, shareable_blocks(len(a.req.prompt_ids), bs)
         if not a.hashes or a.computed % bs or k >= usable:
-            return
+            return 0
         taken = self.pool.allocator.lookup(a.hashes[k:usable])
         if taken:
             a.prefill.cache.attach(0, taken)
             a.computed += len(taken) * bs
             a.prefill.lengths = [a.computed]
             a.prefill.cache.lengths.fill_(a.computed)
-            a.req.stats.cached_tokens += len(taken) * bs
-            self.counters.prefix_cache_hit_tokens += len(taken) * bs
+        return len(taken) * bs
+
+    def _count_cached(self, a: _Live, tokens: int) -> None:
+        a.req.stats.cached_tokens += tokens
+        self.counters.prefix_cache_hit_tokens += tokens
 
     def _to_slot(self, a: _Live) -> None:
         """Move a prefilled prompt's blocks into its row of the decode runner (no copy)."""
