@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (default %(default)s)")
     p.add_argument("--mode", choices=["dense", "sparse", "resa", "server"], default="server",
                    help="per-request ReSA mode override (default: the server's setting)")
-    p.add_argument("--vocab", type=int, default=32000, help="prompt token ids are drawn below this (default %(default)s)")
+    p.add_argument("--vocab", type=int, default=32000,
+                   help="prompt token ids are drawn below this (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and prompts (default %(default)s)")
     p.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, seconds")
     p.add_argument("--out", default=None, help="write the report here (.json; a .md table next to it)")
