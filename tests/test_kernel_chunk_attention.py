@@ -167,3 +167,16 @@ def test_chunk_attention_rejects_bad_inputs():
         chunk_attention(q, k[:, :, :3], v[:, :, :3], pages, s, n)
     with pytest.raises(ValueError, match="block_m"):
         ChunkConfig(block_m=24)
+
+
+def test_chunk_splits_fill_whole_waves():
+    """The split counts that measured fastest on an H200 (132 SMs, one program per SM; Qwen2.5-7B
+    shapes, scripts/splits_sweep.py): whole waves, not a partial extra one."""
+    from resa.kernels.chunk_attention import choose_chunk_splits
+
+    # (groups = batch * KV heads, query tiles, context) -> best measured splits
+    measured = {(16, 2, 131072): 4, (4, 2, 131072): 16, (32, 2, 131072): 2, (16, 1, 131072): 8,
+                (32, 1, 131072): 4, (4, 1, 262144): 33, (16, 1, 262144): 8}
+    for (groups, m_tiles, n), best in measured.items():
+        assert choose_chunk_splits(groups, m_tiles, n, 128, 132) == best, (groups, m_tiles, n)
+    assert choose_chunk_splits(1, 1, 128, 128, 132) == 1  # a one-tile row is never split

@@ -163,3 +163,14 @@ def test_sparse_decode_rejects_bad_inputs():
         sparse_decode(q, k, k, pages.float(), lens, table)
     with pytest.raises(ValueError, match="power of two"):
         sparse_decode(q, k[:, :, :12], k[:, :, :12], pages, lens, table)
+
+
+def test_decode_splits_two_whole_waves():
+    """Two whole waves of programs (rounded down), at least one iteration per split: the
+    fastest measured on an H200 (132 SMs) at 128K and 256K, batch 1 and 4 (scripts/splits_sweep.py)."""
+    from resa.kernels.sparse_decode import choose_splits
+
+    assert choose_splits(1, 4, 820, 8, 132) == 66
+    assert choose_splits(4, 4, 820, 8, 132) == 16
+    assert choose_splits(1, 4, 1639, 8, 132) == 66
+    assert choose_splits(1, 4, 40, 8, 132) == 5  # short rows: one iteration of blocks per split

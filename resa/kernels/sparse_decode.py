@@ -199,11 +199,14 @@ DECODE_CONFIGS = (
 
 
 def choose_splits(batch: int, num_kv_heads: int, num_slots: int, blocks_per_iter: int, num_sms: int) -> int:
-    """Splits per (row, KV head): enough programs for ~2 waves of the GPU, but at least two
-    iterations of work per split, at most 128 splits (the merge holds them in one tile)."""
+    """Splits per (row, KV head): programs for two whole waves of the GPU (rounded down: a
+    partial third wave measured slower: 38.5 vs 36.7 us at 128K, batch 4 on an H200), but at least
+    one iteration of work per split (at 128K, batch 1, 66 splits of ~1.5 iterations took 11.9 us,
+    51 of two 14.4 us; `scripts/splits_sweep.py`), at most 128 splits (the merge holds them in
+    one tile)."""
     rows = max(batch * num_kv_heads, 1)
-    want = triton.cdiv(2 * num_sms, rows)
-    most = max(1, num_slots // (2 * blocks_per_iter))
+    want = max(1, 2 * num_sms // rows)
+    most = max(1, num_slots // blocks_per_iter)
     return max(1, min(want, most, 128))
 
 
