@@ -28,6 +28,14 @@ class PromptTooLongError(UsageError):
 # logits, CUDA graph pools), kept out of the pool's share of the GPU.
 ACTIVATION_RESERVE_BYTES = 2 << 30
 
+def compile_by_default(compile: bool | None, device: torch.device) -> bool:
+    """Whether to torch.compile the decode step's layer halves: `compile` when given, else on CUDA
+    (there they fuse the norms, RoPE and gating into a few kernels: 9.14 -> 7.53 ms per ReSA step
+    of Qwen2.5-7B shapes at 128K, batch 4 on an H200, README "Speed"); on CPU the eager
+    functions are as fast and start at once."""
+    return device.type == "cuda" if compile is None else bool(compile)
+
+
 __all__ = ["Engine", "GenerationResult", "PromptTooLongError", "CacheTooLargeError"]
 
 
@@ -84,11 +92,13 @@ class Engine:
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
              backend: str = "auto", cuda_graphs: bool = True, progress: Callable[[int, int], None] | None = None,
-             **engine_kwargs) -> "Engine":
+             compile: bool | None = None, **engine_kwargs) -> "Engine":
         """Load a HF folder or GGUF file (default: the embedded SmolLM2-135M-Instruct).
         progress(done, total): tensors converted so far, on a GGUF file's first load (its
-        conversion; later loads read the cached result). engine_kwargs: the KV pool settings of
-        `Engine` (prefix_caching, gpu_memory_utilization, kv_cache_gib)."""
+        conversion; later loads read the cached result). compile: torch.compile the layer halves
+        of decode steps and rectification windows (`Transformer.compile_decode`); None (default):
+        on CUDA, not on CPU. engine_kwargs: the KV pool settings of `Engine` (prefix_caching,
+        gpu_memory_utilization, kv_cache_gib)."""
         from .default_model import default_model_path
         from .loader import load_checkpoint
 
@@ -107,6 +117,8 @@ class Engine:
         model = model.to_empty(device=dev).to(dtype)
         model.load_weights(ckpt.tensors)
         model.eval()
+        if compile_by_default(compile, dev):
+            model.compile_decode()
         return cls(model, ckpt.tokenizer, cuda_graphs=cuda_graphs, **engine_kwargs)
 
     @property

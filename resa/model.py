@@ -180,9 +180,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         positions = span.start_t[:, None] + torch.arange(T, device=tokens.device)
         cos, sin = rope_cos_sin(positions, self._inv_freq_on(tokens.device), self.rope_scaling, x.dtype)
-        # Compiled layer halves specialise on shapes: only the short passes (decode steps and
-        # rectification windows) use them, prefill chunks of every width run the plain functions.
-        pre, post = self.compiled_fns if self.compiled_fns is not None and T <= COMPILED_MAX_T else self.layer_fns
+        # Compiled layer halves specialise on shapes: only the short device-only passes (the decode
+        # steps and windows CUDA graphs replay, a few shapes per batch) use them; prefill chunks of
+        # every width (a prompt's tail among them) run the plain functions, so a new prompt length
+        # never triggers a compilation.
+        compiled = self.compiled_fns is not None and T <= COMPILED_MAX_T and not span.on_host
+        pre, post = self.compiled_fns if compiled else self.layer_fns
         cfg = self.cfg
         for i, layer in enumerate(self.model.layers):
             sa, mlp = layer.self_attn, layer.mlp

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="block score of a KV group (ResaConfig.group_pool)")
     parser.add_argument("--hf-peer", nargs="*", type=int, default=[],
                         help="contexts at which to time transformers generate (batch 1)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.95,
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.98,
                         help="share of the GPU's memory the engine (weights, KV pool, activations) may use")
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="time the decode step with plain and/or torch.compile'd layer halves")

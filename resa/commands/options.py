@@ -68,8 +68,9 @@ def _rectify_every(text: str):
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Device, KV pool and execution settings, and the stats line."""
     p.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu or cuda[:N]")
-    p.add_argument("--compile", action="store_true",
-                   help="CUDA: torch.compile the layer halves of the decode step (fewer kernels; compiles once)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the layer halves of the decode step (fewer kernels; compiles once per "
+                        "batch size, a few seconds). Default: on with a GPU, off on CPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                    help="CUDA: share of the GPU's memory weights, KV pool and activations may use (default 0.9)")
     p.add_argument("--kv-cache-gib", type=float, default=None, metavar="GIB",
@@ -112,13 +113,11 @@ def load_engine(args: argparse.Namespace):
 
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
     engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs,
-                         prefix_caching=args.prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
+                         compile=args.compile, prefix_caching=args.prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
                          kv_cache_gib=args.kv_cache_gib,
                          progress=progress_line("converting the GGUF file", "tensors", args))
     if engine.tokenizer is None:
         raise no_tokenizer(args.model)
-    if args.compile:
-        engine.model.compile_decode()
     return engine
 
 

@@ -94,7 +94,7 @@ def load_random_engine(args: argparse.Namespace):
 
     from .. import validate
     from ..default_model import default_model_path
-    from ..engine import Engine
+    from ..engine import Engine, compile_by_default
     from ..random_model import random_model
 
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
@@ -103,7 +103,7 @@ def load_random_engine(args: argparse.Namespace):
     tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else default_model_path())
     engine = Engine(model, tokenizer, cuda_graphs=args.cuda_graphs, prefix_caching=args.prefix_caching,
                     gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
-    if args.compile:
+    if compile_by_default(args.compile, device):
         engine.model.compile_decode()
     return engine
 
