@@ -222,7 +222,8 @@ class Transformer(nn.Module):
         fused kernels per layer). Each batch size and window width compiles its own version; the
         compiled functions raise dynamo's recompile limit for their own calls only, so many shapes
         in one process (a benchmark sweep, several batch buckets) do not fall back to eager kernels
-        after the default eight."""
+        after the default eight. Graphs a runner captured before keep the kernels they recorded
+        (`Runner.graphs.clear()` to capture again)."""
         self.compiled_fns = tuple(_scoped_compile(fn) for fn in (pre_attention, post_attention))
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:

@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
             row = {"context": n, "batch": batch, "modes": {}}
             for compiled in args.compile:
                 model.compiled_fns = compiled_fns if compiled == "on" else None
+                if runner.graphs is not None:
+                    runner.graphs.clear()  # graphs captured with the other layer functions would replay them
                 for mode in args.modes:
                     r = _time_mode(engine, runner, n, mode, resa, args.windows)
                     floor_ms = floors[mode] / copy_bw / 1e6
