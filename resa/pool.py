@@ -56,10 +56,12 @@ class KVPool:
                     torch.empty(L, num_blocks, HKV, D, dtype=self.dtype, device=self.device),
                     torch.empty(L, num_blocks, HKV, D, dtype=self.dtype, device=self.device))
         except torch.OutOfMemoryError:
+            size = num_blocks * self.bytes_per_block(L, HKV, BS, D, self.dtype.itemsize)
+            free = f", {free_gpu_bytes(self.device) / 2**30:.2f} GiB free" if self.device.type == "cuda" else ""
             raise CacheTooLargeError(
-                f"out of memory allocating a KV pool of {num_blocks} blocks "
-                f"({num_blocks * self.block_bytes / 2**30:.2f} GiB); use fewer or shorter sequences, or a "
-                "smaller gpu_memory_utilization / kv_cache_gib so the pool is sized before other allocations") from None
+                f"out of memory allocating a KV pool of {num_blocks} blocks ({size / 2**30:.2f} GiB{free}); use "
+                "fewer or shorter sequences, or a smaller gpu_memory_utilization / kv_cache_gib so the pool is "
+                "sized before other allocations") from None
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, element_size: int) -> int:

@@ -234,3 +234,16 @@ def test_eviction_under_pressure_spares_the_blocks_in_use():
     again = _gen(engine, [a], mode="resa")
     assert again.token_ids[0] == fresh[tuple(a)]
     assert alloc.num_held == again.runner.cache.blocks_for(len(a) + NEW - 1)  # the last token is never fed
+
+
+def test_pool_out_of_memory_is_a_clear_error(monkeypatch):
+    """An allocation the device refuses becomes CacheTooLargeError naming the pool's size (not an
+    AttributeError from the half-built pool)."""
+    import resa.pool as pool_mod
+
+    def refuse(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pool_mod.torch, "empty", refuse)
+    with pytest.raises(CacheTooLargeError, match=r"out of memory allocating a KV pool of 10 blocks \(0\.\d+ GiB\)"):
+        pool_mod.KVPool(2, 10, 2, 4, 8, torch.float32, "cpu")
