@@ -4,7 +4,15 @@ The public API: `Engine` (load a model, generate), `ResaConfig` (the ReSA settin
 `SamplingConfig`; `Runner` for callers that prefill or fork contexts themselves.
 """
 
-from .config import ModelConfig, ResaConfig
+import os
+
+# A KV pool is a few very large tensors: with torch's default caching allocator a 119 GiB pool
+# (Qwen2.5-7B shapes, 256K tokens x 8 rows on an H200) failed to allocate with 124.6 GiB free, with
+# expandable segments it fits (peak 133.7 GiB, benchmarks/e2e). Read when CUDA first allocates, so
+# setting it here covers every caller; a value the user set is kept.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from .config import ModelConfig, ResaConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ import torch
 
 from ..config import GROUP_POOLS, ResaConfig
 from ..cost import sparse_step_reads
-from ..engine import Engine
+from ..engine import CacheTooLargeError, Engine
 from ..pool import KVPool
 from ..random_model import SHAPES, random_model, weight_bytes_per_step
 from .kernels import _bench_graph, card_name, copy_bandwidth, save_results
@@ -190,7 +190,14 @@ def run(args: argparse.Namespace) -> dict:
             batches.append(largest)  # the largest batch that fits, where a requested one did not
         for batch in batches:
             torch.cuda.reset_peak_memory_stats(device)
-            runner = engine.open(batch, capacity, resa.block_size)
+            try:
+                runner = engine.open(batch, capacity, resa.block_size)
+            except CacheTooLargeError as exc:  # the estimate fit, the device did not: keep the other shapes
+                skipped.append({"context": n, "batch": batch, "cache_gib": batch * row_bytes / 2**30,
+                                "free_gib": free / 2**30, "error": str(exc)})
+                print(f"skip N={n} B={batch}: {exc}", flush=True)
+                engine.release_buffers()
+                continue
             runner.fill_synthetic(n, seed=n + batch)
             weights = weight_bytes_per_step(model, batch)
             floors = _floors(cfg, n, batch, resa, weights)
