@@ -28,11 +28,12 @@ class PromptTooLongError(UsageError):
 # logits, CUDA graph pools), kept out of the pool's share of the GPU.
 ACTIVATION_RESERVE_BYTES = 2 << 30
 
+
 def compile_by_default(compile: bool | None, device: torch.device) -> bool:
     """Whether to torch.compile the decode step's layer halves: `compile` when given, else on CUDA
-    (there they fuse the norms, RoPE and gating into a few kernels: 9.14 -> 7.53 ms per ReSA step
-    of Qwen2.5-7B shapes at 128K, batch 4 on an H200, README "Speed"); on CPU the eager
-    functions are as fast and start at once."""
+    (there they fuse the norms, RoPE and gating into a few kernels: 9.09 -> 7.46 ms per ReSA step
+    of Qwen2.5-7B shapes at 128K, batch 4 on an H200, README "Speed"); on CPU the plain functions
+    start at once (compiling there has not been measured to pay)."""
     return device.type == "cuda" if compile is None else bool(compile)
 
 

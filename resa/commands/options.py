@@ -113,8 +113,8 @@ def load_engine(args: argparse.Namespace):
 
     device, _, backend = validate.check_load_args(device=args.device, dtype=None, backend=args.backend)
     engine = Engine.load(args.model, device=str(device), backend=backend, cuda_graphs=args.cuda_graphs,
-                         compile=args.compile, prefix_caching=args.prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
-                         kv_cache_gib=args.kv_cache_gib,
+                         compile=args.compile, prefix_caching=args.prefix_caching,
+                         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          progress=progress_line("converting the GGUF file", "tensors", args))
     if engine.tokenizer is None:
         raise no_tokenizer(args.model)
