@@ -428,9 +428,9 @@ class Batcher:
                 out[b] = torch.tensor(g[len(g) + lo:len(g) + hi], dtype=torch.int64)
             return out
 
+        passes = r.window_passes
         outs = feed_rows(r, feeds, tokens)
-        windows = {(f.rewrite_before or f.window, f.rewrite_before > 0) for f, _ in feeds.values() if f.rectifies}
-        self.counters.rectification_passes += len(windows)
+        self.counters.rectification_passes += r.window_passes - passes
         for b, a in live.items():
             st, (feed, resa) = a.req.stats, feeds[b]
             read = feed_reads(feed, before[b], r.lengths[b], resa)

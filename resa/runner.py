@@ -34,6 +34,7 @@ class Runner:
         self.model, self.cache = model, cache
         self.lengths: list[int] = cache.lengths.tolist()
         self.prefix_hits = 0  # prompt tokens taken from the prefix cache by `prefill`
+        self.window_passes = 0  # dense passes `window` ran (rectification or verification)
         self._generation = cache.pool.generation
         self._mask: torch.Tensor | None = None  # row mask of the masked passes' graphs
         use = (cuda_graphs and cache.device.type == "cuda" and getattr(model, "graph_safe", False)
@@ -172,6 +173,7 @@ class Runner:
         `overwrite` tokens of every row (their K/V is rewritten in every layer) and the rest are
         appended. Returns fp32 logits [B, V] of the last position (every: [B, W, V] of all W).
         active: only these rows take the pass (see `step`)."""
+        self.window_passes += 1
         if active is not None:
             return self._rows_pass(tokens, overwrite, active, None, None, every)
         W = tokens.shape[1]
