@@ -11,7 +11,6 @@ $OUT (or the working directory).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resa.bench.kernels import _bench_graph, copy_bandwidth  # noqa: E402
 from resa.kernels import chunk_attention, select_blocks, sparse_decode  # noqa: E402
-from resa.kernels.chunk_attention import ChunkConfig, choose_chunk_splits  # noqa: E402
+from resa.kernels.chunk_attention import ChunkConfig, choose_chunk_splits, query_tiles  # noqa: E402
 from resa.kernels.sparse_decode import DecodeConfig, choose_splits  # noqa: E402
 from resa.ref.selection import block_budget  # noqa: E402
 
@@ -69,8 +68,7 @@ def main() -> None:
             width = torch.full((b,), T, dtype=torch.int64, device=dev)
             outf = torch.empty_like(qf)
             cfg = ChunkConfig()
-            block_m = min(cfg.block_m, max(16, 1 << math.ceil(math.log2(H // HKV * T))))
-            m_tiles = -(-(H // HKV * T) // block_m)
+            _, m_tiles = query_tiles(H // HKV * T, cfg)
             default = choose_chunk_splits(b * HKV, m_tiles, n, cfg.block_n, sms)
             ref = chunk_attention(qf, kp, vp, pages, start, width).float()
             for s in sorted(set(CHUNK_SPLITS + [default])):

@@ -217,6 +217,13 @@ CHUNK_CONFIGS = (
 )
 
 
+def query_tiles(rows: int, config: ChunkConfig) -> tuple[int, int]:
+    """(rows per tile, tiles) for the G * T query rows of one KV group: tiles of config.block_m
+    rows, smaller (a power of two, at least 16) when the group has fewer."""
+    block_m = min(config.block_m, max(16, triton.next_power_of_2(rows)))
+    return block_m, triton.cdiv(rows, block_m)
+
+
 def choose_chunk_splits(groups: int, m_tiles: int, capacity: int, block_n: int, num_sms: int) -> int:
     """Splits per (row, KV head) that fill whole waves of the GPU.
 
@@ -293,8 +300,8 @@ def chunk_attention(
     if B == 0 or T == 0:
         return out
     rows = G * T
-    block_m, block_n = min(cfg.block_m, max(16, triton.next_power_of_2(rows))), cfg.block_n
-    m_tiles = triton.cdiv(rows, block_m)
+    block_m, m_tiles = query_tiles(rows, cfg)
+    block_n = cfg.block_n
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         num_splits = choose_chunk_splits(B * HKV, m_tiles, max_blocks * block_size, block_n, sms)
