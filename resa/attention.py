@@ -133,6 +133,18 @@ def refresh_layer_summaries(cache: KVCache, layer: int, start: torch.Tensor, end
         refresh_summaries_paged_ref(k, kmin, kmax, cache.pages, start, end)
 
 
+def refresh_all_summaries(cache: KVCache, start: torch.Tensor, end: torch.Tensor, backend: str) -> None:
+    """`refresh_layer_summaries` in every layer (one launch on the Triton backend): after a
+    rollback or a truncation shortened rows to `end`."""
+    if backend == "triton":
+        from .kernels import refresh_summaries
+
+        refresh_summaries(cache.k, cache.kmin, cache.kmax, cache.pages, start, end)
+    else:
+        for layer in range(cache.num_layers):
+            refresh_layer_summaries(cache, layer, start, end, backend)
+
+
 # ---- attention ----
 
 def attend(q: torch.Tensor, cache: KVCache, layer: int, span: Span, sparse: ResaConfig | None,

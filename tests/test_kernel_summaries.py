@@ -199,3 +199,37 @@ def test_summaries_reject_bad_inputs():
         refresh_summaries(k[:, :, 0], kmin, kmin.clone(), pages, pos, pos)
     with pytest.raises(ValueError, match="kmin"):
         refresh_summaries(k, kmin[:3], kmin[:3].clone(), pages, pos, pos)
+
+
+def test_refresh_summaries_of_every_layer_in_one_launch():
+    """Pool tensors of 3 layers ([L, NBLK, ...]): each layer's touched blocks equal the reference
+    over that layer's own keys, and untouched blocks keep their bits (a kernel that ignored the
+    layer stride would write layer 0's summaries everywhere)."""
+    lengths, start, end, hkv, d, dtype = [40, 70], [8, 50], [40, 70], 2, 64, torch.bfloat16
+    nb = -(-max(lengths) // BS)
+    table, pages, total = paged(lengths, nb, seed=21, dtype=torch.int64)
+    layers = [poisoned_cache(lengths, hkv, d, nb * BS, dtype, seed=30 + i) for i in range(3)]
+    k_p = torch.stack([to_pool(k.to(DEVICE), table, total, BS) for k, _, _ in layers])
+    kmin_p = torch.stack([summaries_to_pool(mn.to(DEVICE), table, total) for _, mn, _ in layers])
+    kmax_p = torch.stack([summaries_to_pool(mx.to(DEVICE), table, total) for _, _, mx in layers])
+    # Stale summaries of the touched blocks: the refresh must rewrite them.
+    for b, (s, e) in enumerate(zip(start, end)):
+        for j in range(s // BS, -(-e // BS)):
+            kmin_p[:, table[b, j]] = 7.0
+            kmax_p[:, table[b, j]] = -7.0
+    before_min = kmin_p.clone()
+    refresh_summaries(k_p, kmin_p, kmax_p, pages, torch.tensor(start, device=DEVICE), torch.tensor(end, device=DEVICE))
+    touched = torch.zeros(len(lengths), hkv, nb, dtype=torch.bool)
+    for b, (s, e) in enumerate(zip(start, end)):
+        touched[b, :, s // BS: -(-e // BS)] = True
+    t = touched[..., None].expand(-1, -1, -1, d)
+    for i, (k, _, _) in enumerate(layers):
+        want_min, want_max = block_summaries_ref(k, torch.tensor(end), BS)
+        got_min = summaries_from_pool(kmin_p[i], table, nb).cpu()
+        got_max = summaries_from_pool(kmax_p[i], table, nb).cpu()
+        assert torch.equal(got_min[t].float(), want_min[t]) and torch.equal(got_max[t].float(), want_max[t])
+        old = summaries_from_pool(before_min[i], table, nb).cpu()
+        assert torch.equal(bits(got_min)[~t], bits(old)[~t])
+    with pytest.raises(ValueError, match="layers"):
+        refresh_summaries(k_p, kmin_p[0], kmax_p[0], pages, torch.tensor(start, device=DEVICE),
+                          torch.tensor(end, device=DEVICE))

@@ -9,8 +9,9 @@ ids of the blocks they touch, so physical blocks no row references are never rea
 - `update_summaries`: after appending one token per row, fold its key into its block's summary
   (or start the block from it). One tiny launch, grid (B * HKV); replaces ~6 torch ops per layer.
 - `refresh_summaries`: after a rectification overwrote positions [start_b, end_b), recompute exactly
-  the blocks those positions touch, from the keys < end_b. Grid (B * HKV); each program loops over its
-  row's touched blocks (bounds read on the device, so no host sync and no window bound is needed).
+  the blocks those positions touch, from the keys < end_b. Grid (B * HKV, layers): one layer, or
+  every layer of the pool in one launch (a rollback); each program loops over its row's touched
+  blocks (bounds read on the device, so no host sync and no window bound is needed).
 Min/max are exact in any dtype, so results equal `resa.ref.block_summaries_ref` bit for bit.
 """
 
@@ -66,24 +67,25 @@ def update_summaries_kernel(
 @triton.jit
 def refresh_summaries_kernel(
     k_ptr, kmin_ptr, kmax_ptr, pages_ptr, start_ptr, end_ptr,
-    stride_kp, stride_kh, stride_kn,
-    stride_sp, stride_sh,
+    stride_kl, stride_kp, stride_kh, stride_kn,
+    stride_sl, stride_sp, stride_sh,
     stride_pb, stride_pj,
     num_kv_heads, max_blocks,
     D: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr,
 ):
-    """k: pool layer [NBLK, HKV, BS, D]; kmin, kmax: [NBLK, HKV, D]; pages: [B, max_blocks].
-    Logical blocks j = start_b // BS .. ceil(end_b / BS) - 1 of row b (and < max_blocks) get the
-    min/max of the keys at positions [j * BS, min(j * BS + BS, end_b)), read from and stored at
-    physical block pages[b, j]; nothing else is read or written."""
+    """Program (b * HKV + hk, layer). k: pool layers [L, NBLK, HKV, BS, D]; kmin, kmax: [L, NBLK,
+    HKV, D]; pages: [B, max_blocks]. Logical blocks j = start_b // BS .. ceil(end_b / BS) - 1 of
+    row b (and < max_blocks) get the min/max of the keys at positions [j * BS, min(j * BS + BS,
+    end_b)), read from and stored at physical block pages[b, j]; nothing else is read or written."""
     pid = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
     b = pid // num_kv_heads
     hk = pid % num_kv_heads
     start = tl.load(start_ptr + b).to(tl.int64)
     end = tl.load(end_ptr + b).to(tl.int64)
     pages_row = pages_ptr + b.to(tl.int64) * stride_pb
-    head_k = hk.to(tl.int64) * stride_kh
-    head_s = hk.to(tl.int64) * stride_sh
+    head_k = layer * stride_kl + hk.to(tl.int64) * stride_kh
+    head_s = layer * stride_sl + hk.to(tl.int64) * stride_sh
     offs_t = tl.arange(0, BS_P)
     offs_d = tl.arange(0, D)
     first = start // BS
@@ -173,13 +175,25 @@ def refresh_summaries(
     touch, from the keys at positions < end[b] (later slots are treated as unwritten).
 
     k: one layer of the K pool [NBLK, HKV, BS, D] (block size BS = k.shape[2]; any strides, last
-    dim contiguous); kmin, kmax: [NBLK, HKV, D]; pages: [B, max_blocks] int32/int64 block table
+    dim contiguous), or every layer [L, NBLK, HKV, BS, D] (one launch for all); kmin, kmax:
+    [NBLK, HKV, D] (or [L, NBLK, HKV, D]); pages: [B, max_blocks] int32/int64 block table
     (logical blocks < ceil(end[b] / BS) must be valid pages); start, end: [B] int32/int64 on k's
     device (end[b] <= start[b]: row untouched). Logical blocks start[b] // BS .. ceil(end[b] / BS) - 1
     are recomputed, each at its physical block; blocks at or past max_blocks are skipped.
     """
     name = "refresh_summaries"
     check_device(name, k, kmin, kmax, pages, start, end)
+    if k.dim() == 5:
+        L = k.shape[0]
+        if kmin.dim() != 4 or kmin.shape[0] != L or kmax.shape[:1] != kmin.shape[:1]:
+            raise ValueError(f"{name}: for keys of {L} layers kmin and kmax must be [{L}, num_blocks, HKV, D], "
+                             f"got {list(kmin.shape)}, {list(kmax.shape)}")
+        if kmin.stride(0) != kmax.stride(0):
+            raise ValueError(f"{name}: kmin and kmax must share dtype and strides")
+        strides_l = (k.stride(0), kmin.stride(0))
+        k, kmin, kmax = k[0], kmin[0], kmax[0]
+    else:
+        L, strides_l = 1, (0, 0)
     NBLK, HKV, BS, D = check_pool(name, "k", k)
     _check_summaries(name, kmin, kmax, HKV, D, NBLK)
     check_dtype(name, "k", k, FLOAT_DTYPES)
@@ -192,12 +206,12 @@ def refresh_summaries(
         check_dtype(name, what, t, INDEX_DTYPES)
     if BS < 1:
         raise ValueError(f"{name}: block size (k.shape[2]) must be >= 1")
-    if B * HKV == 0 or max_blocks == 0:
+    if B * HKV * L == 0 or max_blocks == 0:
         return
-    refresh_summaries_kernel[(B * HKV,)](
+    refresh_summaries_kernel[(B * HKV, L)](
         k, kmin, kmax, pages, start, end,
-        k.stride(0), k.stride(1), k.stride(2),
-        kmin.stride(0), kmin.stride(1),
+        strides_l[0], k.stride(0), k.stride(1), k.stride(2),
+        strides_l[1], kmin.stride(0), kmin.stride(1),
         pages.stride(0), pages.stride(1),
         HKV, max_blocks, D=D, BS=BS, BS_P=triton.next_power_of_2(BS), num_warps=2,
     )
