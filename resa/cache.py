@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .pool import KVPool
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,10 @@ class KVCache:
 
     def _write_pages(self, updates: dict[tuple[int, int], int]) -> None:
         if updates:
-            rows, cols = zip(*updates)
-            dev = self.device
-            self.pages[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = \
-                torch.tensor(list(updates.values()), dtype=torch.int32, device=dev)
+            # One asynchronous copy of (rows, columns, blocks): a pass queued before keeps the GPU busy.
+            idx = to_device([[b for b, _ in updates], [j for _, j in updates], list(updates.values())],
+                            torch.int64, self.device)
+            self.pages[idx[0], idx[1]] = idx[2].to(self.pages.dtype)
 
     def __del__(self) -> None:
         if getattr(self, "_is_view", True):

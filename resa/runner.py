@@ -17,6 +17,7 @@ from . import attention as attn
 from .blocks import block_hashes, shareable_blocks
 from .cache import KVCache, Span
 from .config import ResaConfig
+from .transfer import to_device
 
 # progress(done, total): tokens computed so far out of a pass's total (e.g. for a progress bar).
 Progress = Callable[[int, int], None]
@@ -218,7 +219,7 @@ class Runner:
         if graphed:
             cache = self.cache
             mask = self._row_mask()
-            mask.copy_(torch.tensor(active, dtype=torch.int64), non_blocking=True)
+            mask.copy_(to_device(active, torch.int64, self.device))
 
             def fn(tok: torch.Tensor) -> torch.Tensor:
                 span = Span.on_device(cache.lengths - overwrite * mask, W, mask * W)
@@ -266,9 +267,7 @@ class Runner:
         bs = self.cache.block_size
         start = torch.tensor([n // bs * bs for n in lengths], device=self.device)
         end = torch.tensor(lengths, device=self.device)
-        backend = attn.resolve_backend(self.model.backend, self.device)
-        for layer in range(self.cache.num_layers):
-            attn.refresh_layer_summaries(self.cache, layer, start, end, backend)
+        attn.refresh_all_summaries(self.cache, start, end, attn.resolve_backend(self.model.backend, self.device))
         self.cache.lengths.copy_(end)
         self.lengths = lengths
 

@@ -40,6 +40,7 @@ from .cost import sparse_step_reads
 from .rectify import window_was_sparse
 from .runner import Runner
 from .sampling import SamplingConfig, probabilities, sample
+from .transfer import to_device
 
 # accept_override(accepted [B] device int64, w) -> accepted counts to use instead (0 .. w); for
 # benchmarks that impose a measured acceptance pattern on random weights.
@@ -217,9 +218,7 @@ def rollback(runner: Runner, start: torch.Tensor, keep: torch.Tensor) -> None:
     cache = runner.cache
     end = start + keep
     first = end // cache.block_size * cache.block_size
-    backend = attn.resolve_backend(runner.model.backend, runner.device)
-    for layer in range(cache.num_layers):
-        attn.refresh_layer_summaries(cache, layer, first, end, backend)
+    attn.refresh_all_summaries(cache, first, end, attn.resolve_backend(runner.model.backend, runner.device))
     cache.lengths.copy_(end)
 
 
@@ -274,9 +273,9 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         rnd = _round(runner, pending, w, resa, sampling, generator, accept_override)
         # Row b keeps (and emits) its accepted drafts + 1, at most what it still may generate,
         # and none when it has finished; its last emitted token is its next pending one.
-        room_left = torch.zeros(B, dtype=torch.int64)
-        room_left[active] = torch.tensor([max_new_tokens - produced[b] for b in active])
-        keep = torch.minimum(rnd.accepted + 1, room_left.to(dev))
+        room_left = to_device([max_new_tokens - produced[b] if b in active else 0 for b in range(B)],
+                              torch.int64, dev)
+        keep = torch.minimum(rnd.accepted + 1, room_left)
         rollback(runner, start, keep)
         last = rnd.tokens.gather(1, (keep - 1).clamp_min(0)[:, None])[:, 0]
         pending = torch.where(keep > 0, last, pending)
