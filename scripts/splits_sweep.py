@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resa.bench.kernels import _bench_graph, copy_bandwidth  # noqa: E402
 from resa.kernels import chunk_attention, select_blocks, sparse_decode  # noqa: E402
-from resa.kernels.chunk_attention import ChunkConfig, choose_chunk_splits, query_tiles  # noqa: E402
+from resa.kernels.chunk_attention import choose_chunk_splits, default_config, query_tiles  # noqa: E402
 from resa.kernels.sparse_decode import DecodeConfig, choose_splits  # noqa: E402
 from resa.ref.selection import block_budget  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
             start = torch.full((b,), n - T, dtype=torch.int64, device=dev)
             width = torch.full((b,), T, dtype=torch.int64, device=dev)
             outf = torch.empty_like(qf)
-            cfg = ChunkConfig()
+            cfg = default_config(H // HKV * T)
             _, m_tiles = query_tiles(H // HKV * T, cfg)
             default = choose_chunk_splits(b * HKV, m_tiles, n, cfg.block_n, sms)
             ref = chunk_attention(qf, kp, vp, pages, start, width).float()
