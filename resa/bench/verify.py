@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import ResaConfig
-from ..engine import Engine
+from ..engine import Engine, compile_by_default
 from ..generate import Collector
 from ..sampling import SamplingConfig, make_generator
 from ..verify import acceptance_pattern, break_even, decode_verify, draft_grid, step_cost
@@ -133,6 +133,10 @@ def speed(args: argparse.Namespace) -> dict:
                   batch=args.batch, rows=[])
     result["check"] = _check_small(device)
     model = random_model(args.shape, device=device)
+    compiled = compile_by_default(args.compile, device)
+    if compiled:
+        model.compile_decode()
+    result["compiled"] = compiled
     engine = Engine(model, gpu_memory_utilization=0.95)
     B, new = args.batch, args.new
     base = ResaConfig(active_ratio=args.active_ratio, rectify_every=32)
@@ -143,7 +147,7 @@ def speed(args: argparse.Namespace) -> dict:
         logits = torch.zeros(B, model.cfg.vocab_size, device=device)
         row = dict(context=n, modes={})
         cost = step_cost(runner, base, [n] * B)
-        row["step_cost_model"], row["window_slope_model"] = cost
+        row["step_cost_model"], row["window_slope_model"], row["pass_base_model"] = cost
 
         def public(cfg: ResaConfig) -> float:
             runner.truncate([n] * B)
@@ -198,6 +202,8 @@ def markdown(result: dict) -> str:
                          f"{r['mean_w']:.1f} | {ident} |")
         return "\n".join(lines) + "\n"
     lines = [f"# Verify-mode speed, {result['shape']} (random weights), batch {result['batch']}, {result['card']}", "",
+             f"Compiled layer halves: {'yes' if result.get('compiled') else 'no'}; CUDA graphs "
+             f"{'on' if result['card'] != 'CPU' else 'off (CPU)'}.", "",
              "Correctness check (small peaked random model, greedy): " + "; ".join(
                  f"{k}: identical {v['identical']} ({v['same_tokens']}/{v['tokens']})"
                  for k, v in result["check"].items()), "",
@@ -242,6 +248,8 @@ def main(argv=None) -> None:
     s.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9, 0.95])
     s.add_argument("--fixed", nargs="*", type=int, default=[4, 8, 16])
     s.add_argument("--zeros", action="store_true", help="all-zero synthetic context (faster to write)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the layer halves (default: on CUDA, as Engine.load does)")
     for q in (a, s):
         q.add_argument("--out", default="benchmarks/verify")
         q.add_argument("--stem", default=None)
