@@ -156,10 +156,14 @@ class DraftLength:
         self.f[b] = self.DECAY * self.f[b] + (1.0 if accepted < drafted else 0.0)
 
     def choose(self, rows: Sequence[int], cost: "Costs | float") -> int:
-        """Update the chosen w of `rows` and return the batch's draft length (their largest)."""
+        """Update the chosen w of `rows` (each row's own best) and return the batch's draft length:
+        the grid length with the most tokens per unit of cost summed over `rows`, since all rows
+        share the round's cost (the shortest among equals). Taking the rows' largest w instead
+        drafted too long at batch 4 (1.19x against 1.37x dense for the best fixed w, H200)."""
         for b in rows:
             self.chosen[b] = best_draft(self.alpha(b), cost, self.grid)
-        return max(self.chosen[b] for b in rows)
+        alphas = [self.alpha(b) for b in rows]
+        return max(self.grid, key=lambda w: (sum(speedup(a, w, cost) for a in alphas), -w))
 
 
 # Arithmetic a GPU does per byte it reads, as achieved by the verification pass: its chunk
@@ -169,9 +173,10 @@ class DraftLength:
 A_ATTN = 110.0
 A_MM = 140.0
 # The fixed work of a round beyond one dense step (all-position logits, rollback, host sync, the
-# pass's own inefficiency at few tokens), in dense steps: measured on an H200 at 128K, batch 4,
-# Qwen2.5-7B shapes, a round costs 1.6 dense steps + its drafts (benchmarks/verify).
-ROUND_OVERHEAD = 0.6
+# pass's own inefficiency at few tokens), in dense steps: measured on an H200, Qwen2.5-7B shapes,
+# batch 4, compiled layer halves, a round costs 1.10 / 0.99 dense steps + 0.58 / 0.54 per draft at
+# 128K / 256K (benchmarks/verify/qwen2.5-7b-b4-h200-compiled.md, w = 4 and 8 at a = 0.97).
+ROUND_OVERHEAD = 0.1
 # What a sparse step costs beyond its bytes (selection, kernel efficiency), in dense steps: the
 # H200 measures 0.58 / 0.45 of a dense step at 128K / 256K, batch 4, where the bytes give 0.43 /
 # 0.32 (benchmarks/e2e/h200_public_loop.md).

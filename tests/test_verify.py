@@ -148,6 +148,15 @@ def test_draft_length_adapts_to_acceptance():
         control.observe(0, w, w)  # row 0: everything accepted
         control.observe(1, 0, w)  # row 1: nothing accepted
     assert control.chosen == [64, 2]
+    # The batch drafts for all its rows: one row that accepts everything does not make three
+    # that accept little draft long (the rows' largest w would), four such rows do.
+    costs = verify.Costs(0.58, 0.046, 1.1)
+    batch = verify.DraftLength(2, 64, 4)
+    batch.s, batch.f = [50.0, 1.0, 1.0, 1.0], [0.01, 1.0, 1.0, 1.0]
+    w = batch.choose([0, 1, 2, 3], costs)
+    assert batch.chosen[0] >= 32 and w < batch.chosen[0]
+    assert w == max(batch.grid, key=lambda g: sum(verify.speedup(batch.alpha(b), g, costs) for b in range(4)))
+    assert batch.choose([0], costs) == batch.chosen[0]
     # The break-even acceptance rate is where the best draft's speedup is 1.
     a = verify.break_even(cost, grid)
     assert max(verify.speedup(a + 1e-6, w, cost) for w in grid) >= 1 > max(verify.speedup(a - 1e-3, w, cost)
