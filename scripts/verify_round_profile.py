@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.97)
-    p.add_argument("--widths", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--widths", type=int, nargs="+", default=[4, 8], help="draft lengths (0: adaptive)")
+    p.add_argument("--pieces", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the pieces of a round first")
     p.add_argument("--shape", default="qwen2.5-7b")
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
@@ -80,10 +82,11 @@ def main() -> None:
             runner.step(tok, sparse)
         return fn
 
+    widths = sorted(set(w for w in args.widths if w > 0) | {2, 16}) if args.pieces else []
     res["pieces"]["truncate (eager, not part of a round)"] = timed(reset)
     res["pieces"]["sparse step"] = timed(step(resa)) - res["pieces"]["truncate (eager, not part of a round)"]
     res["pieces"]["dense step"] = timed(step(None)) - res["pieces"]["truncate (eager, not part of a round)"]
-    for w in sorted(set(args.widths + [2, 16])):
+    for w in widths:
         toks = torch.zeros(B, w + 1, dtype=torch.int64, device=dev)
 
         def window(w=w, toks=toks):
@@ -107,7 +110,8 @@ def main() -> None:
     greedy = SamplingConfig()
     logits0 = torch.zeros(B, V, device=dev)
     for w in args.widths:
-        cfg = resa.with_(mode="verify", draft_min=w, draft_max=w)
+        # w = 0: the adaptive draft length (2..64)
+        cfg = resa.with_(mode="verify", **(dict(draft_min=w, draft_max=w) if w else {}))
 
         def run(new=65):
             reset()
@@ -127,7 +131,8 @@ def main() -> None:
         st2 = run()  # the same loop without the profiler
         row = dict(wall_ms=1000 * st2.decode_seconds, windows=st2.windows, tokens_per_window=st2.tokens_per_window,
                    wall_ms_per_window=1000 * st2.decode_seconds / max(st2.windows, 1),
-                   profiled_wall_ms=1000 * st.decode_seconds, profiled_gpu_busy_ms=busy_ms, kernels=len(kernels))
+                   profiled_wall_ms=1000 * st.decode_seconds, profiled_gpu_busy_ms=busy_ms, kernels=len(kernels),
+                   draft_widths=st2.draft_widths)
         res["rounds"][f"w={w}"] = row
         print(f"\nw={w} alpha={args.alpha}: {row}")
         print(prof.key_averages().table(sort_by="self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total",
