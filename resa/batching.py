@@ -12,12 +12,19 @@ iteration (`step`):
    longest prompt); a prompt whose last chunk ran samples its first token, and its blocks move
    into its slot of the decode runner (no copy);
 4. decode: every other request feeds its newest token as its own rectification schedule says
-   (`resa.rectify.schedule` of its own token index and length): the requests due for a
-   rectification are rectified together in one dense window pass, the rest take one decode step
-   together (one pass per distinct sparse setting); rows that sit a pass out are masked, so a
-   pass has static shapes and replays one CUDA graph whatever the mix;
+   (`resa.rectify.schedule` of its own token index and length; with rectify_every="auto", its
+   own `resa.adaptive.Cadence`, whose f follows the agreement its own windows measure): the
+   requests due for a rectification are rectified together in one dense window pass, the rest
+   take one decode step together (one pass per distinct sparse setting); rows that sit a pass
+   out are masked, so a pass has static shapes and replays one CUDA graph whatever the mix;
 5. sampled tokens are checked (EOS, stop strings, max_tokens) and handed to the request's
    `on_output`; a finished request's blocks return to the pool at once.
+
+A request of mode "verify" (docs/method.md section 7) runs its rounds inside the same
+iterations: its draft steps share the iteration's sparse step pass, its verification is a dense
+window over its pending token and drafts (sharing the pass of every row with the same window
+width), and after that pass its accepted drafts and the dense model's next token are emitted
+and the rest rolled back. Its draft length adapts to its own acceptance rate.
 
 Token for token this is what `Engine.generate` gives each prompt alone (the tests hold it to
 that); only the time each token takes changes. `step` is not thread-safe; `submit` and `cancel`
@@ -36,14 +43,16 @@ from typing import Callable, Sequence
 import torch
 
 from . import validate
+from .adaptive import Cadence
 from .blocks import CacheTooLargeError, block_hashes, shareable_blocks
 from .config import ResaConfig
 from .cost import feed_reads
 from .errors import UsageError
 from .generate import feed_rows
-from .rectify import schedule
+from .rectify import Feed, schedule
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
+from .verify import DraftLength, accept, draft, draft_width, step_cost
 
 __all__ = ["Batcher", "Request", "RequestStats", "QueueFullError", "BatcherCounters"]
 
@@ -60,8 +69,12 @@ class RequestStats:
     arrival: float
     cached_tokens: int = 0          # prompt tokens taken from the prefix cache
     completion_tokens: int = 0
-    decode_steps: int = 0
+    decode_steps: int = 0             # passes that fed the request a token (draft steps included)
     rectifications: int = 0
+    verify_windows: int = 0           # mode "verify": verification passes, drafts proposed and kept
+    drafted: int = 0
+    accepted: int = 0
+    rectify_widths: list[int] = field(default_factory=list)  # f of each rectification, in order
     kv_tokens_read: int = 0
     kv_tokens_dense: int = 0
     first_token: float | None = None
@@ -137,6 +150,9 @@ class _Live:
         self.computed = 0                    # prompt tokens in the cache
         self.generated: list[int] = []       # sampled tokens (EOS included), fed one per step
         self.gen = make_generator(req.sampling, device)
+        resa = req.resa
+        self.cadence = Cadence(resa) if resa.rectify_auto and resa.rectifies and not resa.is_dense else None
+        self.round = _Round(resa) if resa.mode == "verify" and not resa.is_dense else None
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self.text = StopText(req.stop)  # the released text (stop strings held back and cut)
         self.eos = eos
@@ -149,6 +165,23 @@ class _Live:
     def outstanding(self, block_size: int, held: int) -> int:
         """Blocks it may still allocate: its worst case less what it holds."""
         return -(-(len(self.req.prompt_ids) + self.req.max_tokens) // block_size) - held
+
+
+class _Round:
+    """A verify-mode request's current round: its draft length w (None between rounds), the
+    drafts so far and their distributions, the cache length it started from, the verification
+    pass's logits once it ran."""
+
+    def __init__(self, resa: ResaConfig) -> None:
+        self.control = DraftLength(resa.draft_min, resa.draft_max, 1)
+        self.w: int | None = None
+        self.start = 0
+        self.drafts: list[int] = []
+        self.probs: list[torch.Tensor] = []
+        self.dense: torch.Tensor | None = None  # [1, w + 1, V]
+
+    def reset(self) -> None:
+        self.w, self.drafts, self.probs, self.dense = None, [], [], None
 
 
 class Batcher:
@@ -244,14 +277,10 @@ class Batcher:
                 f"pool ({limit * self.pool.block_bytes / 2**30:.2f} GiB); shorten the prompt or lower max_tokens")
 
     def check_resa(self, resa: ResaConfig) -> None:
-        """The ReSA settings a continuous batch runs: its block size, and a fixed cadence (mode
-        "verify" and rectify_every="auto" run through `Engine.generate` for now)."""
+        """The ReSA settings a continuous batch runs: its block size."""
         if resa.block_size != self.block_size:
             raise UsageError(f"this batcher's KV blocks hold {self.block_size} tokens; a request's block_size must "
                              f"match (got {resa.block_size})")
-        if resa.mode == "verify" or resa.rectify_auto:
-            raise UsageError('continuous batching runs modes dense, sparse and resa with a fixed rectify_every; '
-                             'mode="verify" and rectify_every="auto" run through Engine.generate (resa generate)')
 
     def start(self) -> None:
         """Run the batching loop on a background thread until `shutdown`."""
@@ -419,33 +448,111 @@ class Batcher:
             return
         r = self.runner
         before = {b: r.lengths[b] for b in live}
-        feeds = {b: (schedule(len(a.generated) - 1, a.req.resa, before[b]), a.req.resa) for b, a in live.items()}
+        feeds = {b: (self._feed(a, before[b]), a.req.resa) for b, a in live.items()}
+        # Requests under rectify_every="auto" measure the agreement of the windows they take now,
+        # verify-mode requests check their drafts with theirs (all-position logits of those
+        # passes only).
+        auto = {b for b, a in live.items() if a.cadence is not None and feeds[b][0].rectifies}
+        checks = {b for b, a in live.items() if a.round is not None and feeds[b][0].window}
+
+        def on_window(rows: list[int], feed, logits: torch.Tensor) -> None:
+            for b in rows:
+                a = live[b]
+                if b in auto:
+                    history = torch.tensor(a.generated, dtype=torch.int64, device=logits.device)[None]
+                    a.cadence.observe(len(a.generated) - 1, feed, logits[b:b + 1], history, 1)
+                if b in checks:
+                    a.round.dense = logits[b:b + 1]
 
         def tokens(rows: list[int], lo: int, hi: int) -> torch.Tensor:
             out = torch.zeros(self.max_num_seqs, hi - lo, dtype=torch.int64)
             for b in rows:
-                g = live[b].generated
+                a = live[b]
+                g = a.generated + a.round.drafts if a.round is not None else a.generated
                 out[b] = torch.tensor(g[len(g) + lo:len(g) + hi], dtype=torch.int64)
             return out
 
         passes = r.window_passes
-        outs = feed_rows(r, feeds, tokens)
+        outs = feed_rows(r, feeds, tokens, on_window if auto or checks else None)
         self.counters.rectification_passes += r.window_passes - passes
         for b, a in live.items():
             st, (feed, resa) = a.req.stats, feeds[b]
             read = feed_reads(feed, before[b], r.lengths[b], resa)
             st.decode_steps += 1
-            st.kv_tokens_dense += r.lengths[b]
             st.kv_tokens_read += read
             self.counters.kv_tokens_read += read
-            self.counters.kv_tokens_dense += r.lengths[b]
-            if feed.rectifies:
+            if a.round is None:  # verify rows count what dense decoding reads when they emit
+                st.kv_tokens_dense += r.lengths[b]
+                self.counters.kv_tokens_dense += r.lengths[b]
+            if feed.rectifies and a.round is None:
                 st.rectifications += 1
+                st.rectify_widths.append(feed.rewrite_before or feed.window)
                 self.counters.rectifications += 1
+        emits: list[tuple[_Live, list[int]]] = []
         for rows, logits in outs:
-            group = [live[b] for b in rows]
+            group = [live[b] for b in rows if live[b].round is None]
             for a, token in zip(group, self._pick_rows(group, logits)):
+                emits.append((a, [token]))
+            emits.extend(self._advance_rounds([live[b] for b in rows if live[b].round is not None], logits))
+        for a, toks in emits:
+            for token in toks:
+                if a.req.finished:
+                    break
                 self._emit(a, token)
+
+    def _advance_rounds(self, group: list[_Live], logits: torch.Tensor) -> list[tuple[_Live, list[int]]]:
+        """Verify-mode requests after a pass (logits [B, V]): a draft step adds a draft; a dense
+        step (a round of w = 0) gives its token; a verification pass decides the round: the
+        accepted drafts and the dense model's next token are returned to be emitted, the rest of
+        the window is rolled back (lengths and the summaries of the rows' new last blocks)."""
+        out, ends = [], {}
+        for a in group:
+            rnd, sampling = a.round, a.req.sampling
+            if rnd.w == 0:
+                out.append((a, [self._pick(a, logits[a.slot:a.slot + 1])]))
+                rnd.reset()
+            elif len(rnd.drafts) < rnd.w:
+                tok, p = draft(logits[a.slot:a.slot + 1], sampling, a.gen)
+                rnd.drafts.append(int(tok[0]))
+                rnd.probs.append(p)
+            else:
+                drafts = torch.tensor([rnd.drafts], dtype=torch.int64, device=logits.device)
+                probs = None if sampling.greedy else torch.stack(rnd.probs, dim=1)
+                accepted, nxt = accept(drafts, probs, rnd.dense, sampling, a.gen)
+                n_acc = int(accepted[0])
+                keep = min(n_acc + 1, a.req.max_tokens - len(a.generated))
+                ends[a.slot] = rnd.start + keep
+                st = a.req.stats
+                st.verify_windows += 1
+                st.drafted += rnd.w
+                st.accepted += n_acc
+                n = rnd.start
+                st.kv_tokens_dense += keep * n + keep * (keep + 1) // 2
+                self.counters.kv_tokens_dense += keep * n + keep * (keep + 1) // 2
+                rnd.control.observe(0, n_acc, rnd.w)
+                out.append((a, (rnd.drafts[:n_acc] + [int(nxt[0])])[:keep]))
+                rnd.reset()
+        if ends:
+            self.runner.truncate([ends.get(b, n) for b, n in enumerate(self.runner.lengths)])
+        return out
+
+    def _feed(self, a: _Live, length: int) -> Feed:
+        """How request a feeds its newest token (generated token t, or its newest draft) at
+        `length` cached tokens."""
+        t = len(a.generated) - 1
+        rnd = a.round
+        if rnd is None:
+            return a.cadence.feed(t, length) if a.cadence is not None else schedule(t, a.req.resa, length)
+        if rnd.w is None:  # a new round: its draft length, at most what the request may still emit
+            resa = a.req.resa
+            cost = step_cost(self.runner, resa, [length])
+            rnd.w = draft_width(rnd.control, [0], cost, a.req.max_tokens - len(a.generated) - 1, resa, length)
+            rnd.start = length
+        if rnd.w == 0:
+            return Feed()
+        if len(rnd.drafts) < rnd.w:
+            return Feed(sparse=True)
+        return Feed(window=rnd.w + 1)
 
     def _pick(self, a: _Live, logits: torch.Tensor) -> int:
         return int(sample(logits, a.req.sampling, a.gen)[0])

@@ -206,6 +206,40 @@ def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int], weights:
     return Costs(sparse / dense + STEP_OVERHEAD, slope, 1.0 + ROUND_OVERHEAD)
 
 
+def draft_width(control: DraftLength, rows: Sequence[int], cost: "Costs | float", most: int, resa: ResaConfig,
+                longest: int) -> int:
+    """The next round's draft length for `rows`: the control's choice, at most `most` (the
+    tokens the rows may still emit less one, and the cache's room), rounded down to the grid; 0
+    (a plain dense step) when every draft step at the rows' longest length `longest` would keep
+    all blocks: a dense step is then the same computation, and exact."""
+    w = min(control.choose(rows, cost), most)
+    if w > 0:
+        w = max([g for g in control.grid if g <= w], default=w)
+    if w > 0 and not window_was_sparse(resa, longest + w):
+        w = 0
+    return w
+
+
+def draft(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The drafted tokens [B] from a sparse step's logits [B, V], and their distributions [B, V]
+    (None when greedy: the draft is the argmax)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1), None
+    p = probabilities(logits, sampling)
+    return torch.multinomial(p, 1, generator=generator)[:, 0], p
+
+
+def accept(drafts: torch.Tensor, p_draft: torch.Tensor | None, dense_logits: torch.Tensor, sampling: SamplingConfig,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The acceptance rule of the sampling settings: drafts [B, w], their distributions [B, w, V]
+    (None when greedy), the verification pass's logits [B, w + 1, V]. Returns (accepted [B],
+    next [B]) as `greedy_accept` / `speculative_accept`."""
+    if sampling.greedy:
+        return greedy_accept(drafts, dense_logits)
+    return speculative_accept(drafts, p_draft, probabilities(dense_logits, sampling), generator)
+
+
 # ---- the loop ----
 
 @dataclass
@@ -269,11 +303,7 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         room = runner.capacity - max(before) - 1
         need = max(max_new_tokens - produced[b] for b in active) - 1
         cost = step_cost(runner, resa, [before[b] for b in active], weights)
-        w = min(control.choose(active, cost), need, room)
-        if w > 0:
-            w = max([g for g in control.grid if g <= w], default=w)
-        if w > 0 and not window_was_sparse(resa, max(before) + w):
-            w = 0  # every draft step would keep all blocks: a dense step is the same, and exact
+        w = draft_width(control, active, cost, min(need, room), resa, max(before))
         start = runner.cache.lengths.clone()
         rnd = _round(runner, pending, w, resa, sampling, generator, accept_override)
         # Row b keeps (and emits) its accepted drafts + 1, at most what it still may generate,
@@ -310,22 +340,14 @@ def _round(runner: Runner, pending: torch.Tensor, w: int, resa: ResaConfig, samp
         return _Round(0, torch.zeros(B, dtype=torch.int64, device=runner.device), nxt[:, None])
     toks = torch.empty(B, w + 1, dtype=torch.int64, device=runner.device)
     toks[:, 0] = pending
-    p_draft = None if sampling.greedy else []
+    p_draft = []
     for j in range(w):
-        lg = runner.step(toks[:, j], resa)
-        if sampling.greedy:
-            toks[:, j + 1] = lg.argmax(dim=-1)
-        else:
-            p = probabilities(lg, sampling)
-            toks[:, j + 1] = torch.multinomial(p, 1, generator=generator)[:, 0]
-            p_draft.append(p)
+        toks[:, j + 1], p = draft(runner.step(toks[:, j], resa), sampling, generator)
+        p_draft.append(p)
     dense = runner.window(toks, overwrite=w, every=True)  # [B, w + 1, V]
     drafts = toks[:, 1:]
-    if sampling.greedy:
-        accepted, nxt = greedy_accept(drafts, dense)
-    else:
-        accepted, nxt = speculative_accept(drafts, torch.stack(p_draft, dim=1), probabilities(dense, sampling),
-                                           generator)
+    accepted, nxt = accept(drafts, None if sampling.greedy else torch.stack(p_draft, dim=1), dense, sampling,
+                           generator)
     if accept_override is not None:
         accepted = accept_override(accepted, w).clamp(0, w)
         nxt = dense.argmax(dim=-1).gather(1, accepted[:, None])[:, 0]

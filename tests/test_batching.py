@@ -171,9 +171,6 @@ def test_requests_wait_for_blocks_and_refusals_are_clear():
         batcher.submit(Request([4], resa=cfg))
     with pytest.raises(ValueError, match="block_size must match"):
         Batcher(engine, block_size=4).submit(Request([1], resa=ResaConfig()))
-    for unsupported in (cfg.with_(mode="verify"), cfg.with_(rectify_every="auto")):
-        with pytest.raises(ValueError, match="Engine.generate"):
-            batcher.submit(Request([1], resa=unsupported))
 
 
 def test_background_loop_serves_and_drains(engine):
@@ -222,6 +219,77 @@ def test_graph_path_of_the_batch_equals_each_request_alone(engine, variant):
     masked = [k for k in graphs.keys if k[0] == "rows"]
     assert any(k[1:3] == (1, 0) for k in masked) and any(k[1] > 1 for k in masked)  # steps and windows
     assert batcher.runner.cache.sink is not None and batcher.blocks_in_use() == 0
+
+
+def test_verify_requests_in_a_continuous_batch_equal_dense(engine):
+    """Greedy verify-mode requests sharing the batch with ReSA (fused, so verification windows and
+    rectification windows may share a pass) and dense requests: each verify output is dense
+    decoding's token for token; drafts were both accepted and rejected; every block comes back."""
+    cfgs = [ResaConfig(**SMALL, mode="verify", draft_min=2, draft_max=8), ResaConfig(**SMALL, rectify_variant="fused"),
+            ResaConfig(**SMALL, mode="verify"), ResaConfig(**SMALL, mode="dense")]
+    prompts = random_prompts([300, 40, 123, 200, 9, 250, 77, 150], seed=17)
+    requests = [Request(p, max_tokens=NEW + 6, resa=cfgs[i % len(cfgs)], eos_token_ids=[])
+                for i, p in enumerate(prompts)]
+    want = [_alone(engine, r.prompt_ids, r.resa.with_(mode="dense") if r.resa.mode == "verify" else r.resa,
+                   new=r.max_tokens) for r in requests]
+    batcher = Batcher(engine, max_num_seqs=4, max_num_batched_tokens=96, block_size=4)
+    _staggered(batcher, requests, every=2)
+    verify = [r for r in requests if r.resa.mode == "verify"]
+    for r, w in zip(requests, want):
+        assert r.output_ids == w, r.id
+        assert r.finish_reason == "length"
+    drafted = sum(r.stats.drafted for r in verify)
+    accepted = sum(r.stats.accepted for r in verify)
+    assert 0 < accepted < drafted and all(r.stats.verify_windows > 0 for r in verify)
+    assert batcher.blocks_in_use() == 0
+    sparse = [_alone(engine, r.prompt_ids, r.resa.with_(mode="sparse"), new=r.max_tokens) for r in verify]
+    assert any(s != r.output_ids for s, r in zip(sparse, verify))  # the drafts alone would differ
+
+
+def test_sampled_verify_requests_finish_with_their_budget(engine):
+    """Sampled verify requests (seeded) in a batch: each emits exactly max_tokens tokens, the same
+    ones on a second run, and rolled-back rows leave no blocks behind."""
+    cfg = ResaConfig(**SMALL, mode="verify")
+    prompts = random_prompts([200, 60, 140], seed=19)
+
+    def run():
+        batcher = Batcher(engine, max_num_seqs=2, max_num_batched_tokens=128, block_size=4)
+        reqs = [Request(p, max_tokens=NEW, resa=cfg, eos_token_ids=[], sampling=SamplingConfig(temperature=0.8, seed=i))
+                for i, p in enumerate(prompts)]
+        _staggered(batcher, reqs, every=1)
+        assert batcher.blocks_in_use() == 0
+        return reqs
+
+    first, second = run(), run()
+    assert all(len(r.output_ids) == NEW for r in first)
+    assert [r.output_ids for r in first] == [r.output_ids for r in second]
+    assert sum(r.stats.drafted for r in first) > sum(r.stats.accepted for r in first) > 0
+
+
+@pytest.mark.parametrize("variant", ["paper", "fused"])
+def test_auto_cadence_is_each_requests_own(engine, variant):
+    """rectify_every="auto" in a continuous batch: a request whose sparse steps drift (active
+    0.05) and one whose steps agree with dense (active 0.9) share the batch with a fixed-f request;
+    each gets the tokens and the sequence of window widths it gets alone, and the two auto
+    requests' f part ways (the cadence is the request's own, not the batch's). They arrive
+    together, so their first windows share one pass."""
+    auto = dict(block_size=4, min_blocks=4, rectify_every="auto", rectify_min=4, rectify_max=32,
+                rectify_variant=variant)
+    cfgs = [ResaConfig(**auto, active_ratio=0.05), ResaConfig(**auto, active_ratio=0.9), ResaConfig(**SMALL)]
+    prompts = random_prompts([160, 160, 77], seed=13)
+    new = 100
+    alone = [engine.generate_ids([p], resa=c, max_new_tokens=new, eos_token_ids=[]) for p, c in zip(prompts, cfgs)]
+    batcher = Batcher(engine, max_num_seqs=3, max_num_batched_tokens=512, block_size=4)
+    requests = [Request(p, max_tokens=new, resa=c, eos_token_ids=[]) for p, c in zip(prompts, cfgs)]
+    _staggered(batcher, requests, every=0)
+    assert batcher.counters.rectification_passes < batcher.counters.rectifications  # windows shared a pass
+    for r, a in zip(requests, alone):
+        assert r.output_ids == a.token_ids[0], r.id
+        assert r.stats.rectify_widths == [w for _, _, w in a.stats.rectified_at], r.id
+    low, high, fixed = (r.stats.rectify_widths for r in requests)
+    assert low[-1] < high[-1] and len(low) > len(high)
+    assert set(fixed) == {8}
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton interpreter test (CPU tensors)")
 @pytest.mark.parametrize("backend,sparse", [("torch", True), ("torch", False), ("triton", True)])

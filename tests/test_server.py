@@ -174,9 +174,22 @@ def test_resa_field_reaches_the_engine(served):
     assert dense.resa["mode"] == "dense" and dense.resa["kv_read_fraction"] == 1.0
     assert dense.resa["rectifications"] == 0
     assert sparse.resa["mode"] == "resa" and sparse.resa["kv_read_fraction"] < 0.9
-    assert sparse.resa["rectifications"] >= 1
+    assert sparse.resa["rectifications"] >= 1 and set(sparse.resa["rectify_widths"]) == {4}
     # The same prompt again: its full blocks come from the prefix cache.
     assert sparse.resa["cached_tokens"] > 0
+    # rectify_every "auto": the cadence starts at 32 and the response lists each window's f.
+    auto = client.completions.create(**{**common, "max_tokens": 40},
+                                     extra_body={"resa": {"active_ratio": 0.1, "rectify_every": "auto"},
+                                                 "ignore_eos": True})
+    assert auto.usage.completion_tokens == 40
+    assert auto.resa["rectify_widths"] and auto.resa["rectify_widths"][0] == 32
+    # mode "verify": the dense model's greedy tokens, with the drafts' statistics.
+    dense40 = client.completions.create(**{**common, "max_tokens": 40}, extra_body={"resa": {"mode": "dense"},
+                                                                                   "ignore_eos": True})
+    ver = client.completions.create(**{**common, "max_tokens": 40}, extra_body={"resa": {"mode": "verify"},
+                                                                               "ignore_eos": True})
+    assert ver.choices[0].text == dense40.choices[0].text
+    assert ver.resa["mode"] == "verify" and ver.resa["verify_windows"] > 0 and ver.resa["drafted"] > 0
 
 
 def test_concurrent_greedy_requests_equal_engine_outputs(served):
@@ -434,7 +447,7 @@ def test_resa_serve_drains_on_sigterm_and_exits_0():
 @pytest.mark.parametrize("argv,words", [
     (["--port", "70000"], "--port"), (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--random-weights", "gpt-9"], "known shape"), (["--max-body-bytes", "-1"], "--max-body-bytes"),
-    (["--active-ratio", "0"], "active_ratio"), (["--mode", "verify"], "resa generate"),
+    (["--active-ratio", "0"], "active_ratio"),
     (["--tokenizer", "x.gguf"], "goes with --random-weights"),
     (["--random-weights", "qwen2.5-0.5b", "--tokenizer", "/no/such/folder"], "does not exist")])
 def test_serve_flags_are_checked_before_loading(argv, words, capsys, monkeypatch):

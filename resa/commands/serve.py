@@ -130,9 +130,6 @@ def run(args: argparse.Namespace) -> int:
 
     resa, sampling, stop = options.check_settings(args)
     check_server_args(args)
-    if resa.mode == "verify" or resa.rectify_auto:
-        raise UsageError("resa serve runs --mode dense, sparse or resa with a fixed -f; --mode verify and -f auto "
-                         "run with resa generate")
     api_key = args.api_key if args.api_key is not None else os.environ.get("RESA_API_KEY") or None
 
     import uvicorn

@@ -420,8 +420,11 @@ class _Server:
     def resa_stats(request: BatchRequest) -> dict:
         st = request.stats
         return {"mode": request.resa.mode, "kv_read_fraction": st.kv_read_fraction,
-                "rectifications": st.rectifications, "cached_tokens": st.cached_tokens,
-                "decode_steps": st.decode_steps, "ttft_s": st.ttft}
+                "rectifications": st.rectifications, "rectify_widths": st.rectify_widths,
+                "cached_tokens": st.cached_tokens,
+                "decode_steps": st.decode_steps, "ttft_s": st.ttft,
+                **({"verify_windows": st.verify_windows, "drafted": st.drafted, "accepted": st.accepted}
+                   if request.resa.mode == "verify" else {})}
 
     def body(self, request: BatchRequest, chat: bool, model: str, created: int) -> dict:
         reason = FINISH_REASONS.get(request.finish_reason, request.finish_reason)

@@ -25,13 +25,16 @@ class ResaOverrides(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    mode: Literal["resa", "sparse", "dense"] | None = None
+    mode: Literal["resa", "sparse", "dense", "verify"] | None = None
     active_ratio: float | None = None
-    rectify_every: int | None = None
+    rectify_every: Union[int, Literal["auto"], None] = None
     rectify_variant: Literal["paper", "fused"] | None = None
 
     def changes(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        out = {k: v for k, v in self.model_dump().items() if v is not None}
+        if isinstance(out.get("rectify_every"), int):
+            out["rectify_auto"] = False  # a fixed f, also when the server's default is "auto"
+        return out
 
 
 class StreamOptions(_Strict):
