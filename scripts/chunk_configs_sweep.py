@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resa.bench.kernels import _bench_graph, copy_bandwidth  # noqa: E402
+from resa.bench.kernels import _bench_graph, copy_bandwidth, random_kv_layer  # noqa: E402
 from resa.kernels import chunk_attention  # noqa: E402
 from resa.kernels.chunk_attention import ChunkConfig, choose_chunk_splits, default_config, query_tiles  # noqa: E402
 
@@ -45,9 +45,8 @@ def main() -> None:
     rows = []
     for n, b in SHAPES:
         nb = n // BS
-        g = torch.Generator(device=dev).manual_seed(n + b)
-        kp = torch.randn(b * nb, HKV, BS, D, device=dev, dtype=torch.bfloat16, generator=g)
-        vp = torch.randn(b * nb, HKV, BS, D, device=dev, dtype=torch.bfloat16, generator=g)
+        kp, vp = random_kv_layer(n, b, HKV, BS, D, dev, seed=n + b)
+        g = torch.Generator(device=dev).manual_seed(n + b + 1)
         pages = torch.randperm(b * nb, device=dev, generator=g).to(torch.int32).view(b, nb)
         kv_bytes = 2 * b * HKV * n * D * 2
         for T in WIDTHS:

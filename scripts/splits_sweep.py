@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resa.bench.kernels import _bench_graph, copy_bandwidth  # noqa: E402
+from resa.bench.kernels import _bench_graph, copy_bandwidth, random_kv_layer  # noqa: E402
 from resa.kernels import chunk_attention, select_blocks, sparse_decode  # noqa: E402
 from resa.kernels.chunk_attention import choose_chunk_splits, default_config, query_tiles  # noqa: E402
 from resa.kernels.sparse_decode import DecodeConfig, choose_splits  # noqa: E402
@@ -37,9 +37,8 @@ def main() -> None:
     rows = []
     for n, b in SHAPES:
         nb = n // BS
-        g = torch.Generator(device=dev).manual_seed(n + b)
-        kp = torch.randn(b * nb, HKV, BS, D, device=dev, dtype=torch.bfloat16, generator=g)
-        vp = torch.randn(b * nb, HKV, BS, D, device=dev, dtype=torch.bfloat16, generator=g)
+        kp, vp = random_kv_layer(n, b, HKV, BS, D, dev, seed=n + b)
+        g = torch.Generator(device=dev).manual_seed(n + b + 1)
         pmin, pmax = kp.amin(2).contiguous(), kp.amax(2).contiguous()
         pages = torch.arange(b * nb, dtype=torch.int32, device=dev).view(b, nb)
         lengths = torch.full((b,), n, dtype=torch.int64, device=dev)

@@ -69,6 +69,15 @@ def copy_bandwidth(device: torch.device, rep_ms: int) -> float:
     return 2 * n / us / 1e3
 
 
+def random_kv_layer(tokens: int, batch: int, num_kv_heads: int, block_size: int, head_dim: int,
+                    device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pool layer of standard-normal bf16 K and V, [batch * tokens / block_size, HKV, BS, D]:
+    `batch` rows of `tokens` tokens (the sweeps' synthetic caches)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch * (tokens // block_size), num_kv_heads, block_size, head_dim)
+    return tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+
+
 def save_results(out_dir: str | Path, stem: str, result: dict, text: str) -> None:
     """Write a benchmark's result as `stem`.json and its table as `stem`.md under out_dir, and
     print the table."""
