@@ -126,3 +126,24 @@ def test_continuous_batch_equals_requests_alone_on_gpu(model, variant):
     assert [r.output_ids for r in requests] == want
     assert any(key[0] == "rows" for key in batcher.runner.graphs.graphs)  # the masked passes were graphed
     assert batcher.counters.rectifications >= 12 and batcher.blocks_in_use() == 0
+
+
+@pytest.mark.parametrize("cfg", [dict(mode="verify"), dict(mode="resa", rectify_every="auto", rectify_min=4)],
+                         ids=["verify", "auto"])
+def test_verify_and_auto_requests_in_a_continuous_batch_on_gpu(model, cfg):
+    """Verify-mode and rectify_every="auto" requests through the batcher's masked CUDA-graph
+    passes (windows of several widths, rollbacks between them) give what each gets alone."""
+    from resa.batching import Batcher, Request
+
+    engine = Engine(model, cuda_graphs=True, kv_cache_gib=0.5)
+    resa = ResaConfig(**{**SMALL, **cfg})
+    prompts = random_prompts([1500, 700, 1100, 300], seed=9)
+    want = [engine.generate_ids([p], resa=resa, max_new_tokens=60, eos_token_ids=[]).token_ids[0] for p in prompts]
+    batcher = Batcher(engine, max_num_seqs=4, max_num_batched_tokens=512, max_model_len=2048)
+    requests = []
+    for p in prompts:
+        requests.append(batcher.submit(Request(p, max_tokens=60, resa=resa, eos_token_ids=[])))
+        batcher.step()
+    batcher.run_until_done()
+    assert [r.output_ids for r in requests] == want
+    assert batcher.blocks_in_use() == 0
