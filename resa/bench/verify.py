@@ -159,7 +159,7 @@ def speed(args: argparse.Namespace) -> dict:
             sink = Collector(B, [], None)
             s = decode_verify(runner, logits, resa=cfg, sampling=greedy, generator=None, sink=sink,
                               max_new_tokens=new, accept_override=acceptance_pattern(alpha, seed=n))
-            return B * (new - 1) / s.decode_seconds, s.tokens_per_window
+            return B * (new - 1) / s.decode_seconds, s
 
         for name, cfg in (("dense", base.with_(mode="dense")), ("resa", base)):
             public(cfg)  # warm-up: graphs
@@ -171,10 +171,13 @@ def speed(args: argparse.Namespace) -> dict:
             for w in [None] + args.fixed:
                 cfg = base.with_(mode="verify", **({} if w is None else dict(draft_min=w, draft_max=w)))
                 verified(cfg, alpha)  # warm-up: graphs of the window widths used
-                tps, tpw = verified(cfg, alpha)
+                tps, st = verified(cfg, alpha)
+                tpw = st.tokens_per_window
                 name = f"verify a={alpha} w={'auto' if w is None else w}"
+                # The widths drafted and the capture time inside the timed run, to explain a slow row.
                 row["modes"][name] = dict(tokens_per_s=tps, tokens_per_window=tpw, alpha=alpha,
-                                          w="auto" if w is None else w, vs_dense=tps / dense_tps)
+                                          w="auto" if w is None else w, vs_dense=tps / dense_tps,
+                                          draft_widths=st.draft_widths, capture_seconds=st.capture_seconds)
                 print(f"N={n} B={B} {name:24s} {tps:8.1f} tok/s {tps / dense_tps:5.2f}x dense, "
                       f"tokens/window {tpw:.2f}", flush=True)
         row["break_even_alpha_model"] = break_even(cost, draft_grid(2, 64))
