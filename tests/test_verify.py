@@ -238,12 +238,17 @@ def _chi2(engine, prompt, law):
     stats = decode(runner, logits, resa=cfg, pick=None, sink=sink, max_new_tokens=3, sampling=SAMPLING,
                    generator=gen)
     assert stats.windows >= 1 and stats.sparse_steps > 0
+    return _chi2_of(sink.outputs, law) + (stats,)
+
+
+def _chi2_of(outputs, law):
+    """(statistic, degrees of freedom) of the sampled sequences `outputs` against `law`."""
     counts: dict[tuple[int, ...], int] = {}
-    for out in sink.outputs:
+    for out in outputs:
         counts[tuple(out)] = counts.get(tuple(out), 0) + 1
     stat, cells, rest_obs, rest_exp = 0.0, 0, 0, 0.0
     for key, p in law.items():
-        exp = p * ROWS
+        exp = p * len(outputs)
         if exp < 5:
             rest_obs, rest_exp = rest_obs + counts.get(key, 0), rest_exp + exp
             continue
@@ -252,7 +257,7 @@ def _chi2(engine, prompt, law):
     if rest_exp > 0:
         stat += (rest_obs - rest_exp) ** 2 / rest_exp
         cells += 1
-    return stat, cells - 1, stats
+    return stat, cells - 1
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +291,39 @@ def test_a_wrong_acceptance_rule_fails_the_sampling_test(small_vocab, monkeypatc
         monkeypatch.setattr(verify, "speculative_accept", wrong)
         stat, df, _ = _chi2(engine, prompt, law)
         assert stat > _chi2_quantile(df, ALPHA), (wrong, stat, df)
+
+
+def _batched_outputs(engine, prompt):
+    """ROWS seeded verify requests of 3 tokens through a continuous batch (their own generators,
+    drafts and rollbacks, 250 at a time): their outputs."""
+    from resa.batching import Batcher, Request
+
+    cfg = ResaConfig(mode="verify", block_size=4, min_blocks=2, active_ratio=0.25, draft_min=3, draft_max=3)
+    batcher = Batcher(engine, max_num_seqs=250, max_num_batched_tokens=1 << 16, max_waiting=ROWS, block_size=4)
+    reqs = [batcher.submit(Request(prompt, max_tokens=3, resa=cfg, eos_token_ids=[],
+                                   sampling=SamplingConfig(temperature=SAMPLING.temperature, seed=i)))
+            for i in range(ROWS)]
+    batcher.run_until_done()
+    assert sum(r.stats.verify_windows for r in reqs) >= ROWS // 2 and batcher.blocks_in_use() == 0
+    return [r.output_ids for r in reqs], reqs
+
+
+def test_sampled_verify_in_a_continuous_batch_follows_the_dense_distribution(small_vocab, monkeypatch):
+    """The batcher's verify rounds (one request at a time inside shared passes) sample the dense
+    law too, by the same test; every draft accepted (the sparse model's law) fails it."""
+    engine, prompt, law = small_vocab
+    outputs, reqs = _batched_outputs(engine, prompt)
+    assert 0 < sum(r.stats.accepted for r in reqs) < sum(r.stats.drafted for r in reqs)
+    stat, df = _chi2_of(outputs, law)
+    assert df >= 20 and stat < _chi2_quantile(df, ALPHA), (stat, df)
+
+    def accept_all(drafts, p_draft, q_dense, generator):
+        B, w = drafts.shape
+        return torch.full((B,), w, dtype=torch.int64), torch.multinomial(q_dense[:, w], 1, generator=generator)[:, 0]
+
+    monkeypatch.setattr(verify, "speculative_accept", accept_all)
+    stat, df = _chi2_of(_batched_outputs(engine, prompt)[0], law)
+    assert stat > _chi2_quantile(df, ALPHA), (stat, df)
 
 
 def _sample_at(q_dense, accepted, generator):
