@@ -506,11 +506,20 @@ class Batcher:
         accepted drafts and the dense model's next token are returned to be emitted, the rest of
         the window is rolled back (lengths and the summaries of the rows' new last blocks)."""
         out, ends = [], {}
+        # Greedy drafts of every drafting row in one argmax and one transfer.
+        greedy = [a for a in group if a.round.w and len(a.round.drafts) < a.round.w and a.req.sampling.greedy]
+        if greedy:
+            rows = torch.tensor([a.slot for a in greedy], device=logits.device)
+            for a, tok in zip(greedy, logits[rows].argmax(-1).tolist()):
+                a.round.drafts.append(tok)
+                a.round.probs.append(None)
         for a in group:
             rnd, sampling = a.round, a.req.sampling
             if rnd.w == 0:
                 out.append((a, [self._pick(a, logits[a.slot:a.slot + 1])]))
                 rnd.reset()
+            elif a in greedy:
+                continue
             elif len(rnd.drafts) < rnd.w:
                 tok, p = draft(logits[a.slot:a.slot + 1], sampling, a.gen)
                 rnd.drafts.append(int(tok[0]))
