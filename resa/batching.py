@@ -33,6 +33,7 @@ are, and `start` runs the loop on a background thread (what the server uses).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -46,13 +47,13 @@ from . import validate
 from .adaptive import Cadence
 from .blocks import CacheTooLargeError, block_hashes, shareable_blocks
 from .config import ResaConfig
-from .cost import feed_reads
+from .cost import dense_reads, feed_reads
 from .errors import UsageError
 from .generate import feed_rows
 from .rectify import Feed, schedule
 from .runner import Runner
 from .sampling import SamplingConfig, make_generator, sample
-from .verify import DraftLength, accept, draft, draft_width, step_cost
+from .verify import DraftLength, accept, draft, draft_width, step_cost, step_weights
 
 __all__ = ["Batcher", "Request", "RequestStats", "QueueFullError", "BatcherCounters"]
 
@@ -508,11 +509,9 @@ class Batcher:
         out, ends = [], {}
         # Greedy drafts of every drafting row in one argmax and one transfer.
         greedy = [a for a in group if a.round.w and len(a.round.drafts) < a.round.w and a.req.sampling.greedy]
-        if greedy:
-            rows = torch.tensor([a.slot for a in greedy], device=logits.device)
-            for a, tok in zip(greedy, logits[rows].argmax(-1).tolist()):
-                a.round.drafts.append(tok)
-                a.round.probs.append(None)
+        for a, tok in zip(greedy, self._pick_rows(greedy, logits)):
+            a.round.drafts.append(tok)
+            a.round.probs.append(None)
         for a in group:
             rnd, sampling = a.round, a.req.sampling
             if rnd.w == 0:
@@ -535,9 +534,9 @@ class Batcher:
                 st.verify_windows += 1
                 st.drafted += rnd.w
                 st.accepted += n_acc
-                n = rnd.start
-                st.kv_tokens_dense += keep * n + keep * (keep + 1) // 2
-                self.counters.kv_tokens_dense += keep * n + keep * (keep + 1) // 2
+                dense = dense_reads(rnd.start, keep)
+                st.kv_tokens_dense += dense
+                self.counters.kv_tokens_dense += dense
                 rnd.control.observe(0, n_acc, rnd.w)
                 out.append((a, (rnd.drafts[:n_acc] + [int(nxt[0])])[:keep]))
                 rnd.reset()
@@ -554,7 +553,7 @@ class Batcher:
             return a.cadence.feed(t, length) if a.cadence is not None else schedule(t, a.req.resa, length)
         if rnd.w is None:  # a new round: its draft length, at most what the request may still emit
             resa = a.req.resa
-            cost = step_cost(self.runner, resa, [length])
+            cost = step_cost(self.runner, resa, [length], self._step_weights)
             rnd.w = draft_width(rnd.control, [0], cost, a.req.max_tokens - len(a.generated) - 1, resa, length)
             rnd.start = length
         if rnd.w == 0:
@@ -562,6 +561,11 @@ class Batcher:
         if len(rnd.drafts) < rnd.w:
             return Feed(sparse=True)
         return Feed(window=rnd.w + 1)
+
+    @functools.cached_property
+    def _step_weights(self) -> int | None:
+        """The decode runner's weight bytes per step, for the verify requests' cost model."""
+        return step_weights(self.runner)
 
     def _pick(self, a: _Live, logits: torch.Tensor) -> int:
         return int(sample(logits, a.req.sampling, a.gen)[0])

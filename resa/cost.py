@@ -16,6 +16,11 @@ def sparse_step_reads(n: int, resa: ResaConfig) -> int:
     return min(kept * resa.block_size, n) + nb
 
 
+def dense_reads(n: int, k: int) -> int:
+    """K/V tokens dense decoding of k more tokens reads from a row of n: (n + 1) + ... + (n + k)."""
+    return k * n + k * (k + 1) // 2
+
+
 def feed_reads(feed, before: int, after: int, resa: ResaConfig) -> int:
     """K/V tokens the passes feeding one token to a row read (`resa.rectify.Feed`), the row
     holding `before` tokens before and `after` after: dense passes read the whole row, a sparse

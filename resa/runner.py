@@ -265,8 +265,7 @@ class Runner:
         for b, n in enumerate(lengths):
             self.cache.shrink(b, n)
         bs = self.cache.block_size
-        start = torch.tensor([n // bs * bs for n in lengths], device=self.device)
-        end = torch.tensor(lengths, device=self.device)
+        start, end = to_device([[n // bs * bs for n in lengths], lengths], torch.int64, self.device)
         attn.refresh_all_summaries(self.cache, start, end, attn.resolve_backend(self.model.backend, self.device))
         self.cache.lengths.copy_(end)
         self.lengths = lengths

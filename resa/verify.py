@@ -36,7 +36,7 @@ import torch
 
 from . import attention as attn
 from .config import ResaConfig
-from .cost import sparse_step_reads
+from .cost import dense_reads, sparse_step_reads
 from .rectify import window_was_sparse
 from .runner import Runner
 from .sampling import SamplingConfig, probabilities, sample
@@ -183,6 +183,16 @@ ROUND_OVERHEAD = 0.1
 STEP_OVERHEAD = 0.15
 
 
+def step_weights(runner: Runner) -> int | None:
+    """Bytes of weights a decode step of the runner's batch reads, for `step_cost` (None for a
+    model without a config, which `step_cost` prices flat); computed once per loop."""
+    if not (hasattr(runner.model, "parameters") and hasattr(runner.model, "cfg")):
+        return None
+    from .random_model import weight_bytes_per_step
+
+    return weight_bytes_per_step(runner.model, runner.batch)
+
+
 def step_cost(runner: Runner, resa: ResaConfig, lengths: Sequence[int], weights: int | None = None) -> Costs:
     """The cost model of a round (docs/method.md 4, 7.2) at these lengths, in dense steps: a
     sparse step reads (weights + selected K/V + summaries) / (weights + all K/V); each extra token
@@ -284,11 +294,7 @@ def decode_verify(runner: Runner, logits: torch.Tensor, *, resa: ResaConfig, sam
         stats = GenerationStats(resa.mode, resa.rectify_variant, runner.lengths[:rows])
     control = DraftLength(resa.draft_min, resa.draft_max, B)
     dev = runner.device
-    weights = None
-    if hasattr(runner.model, "parameters") and hasattr(runner.model, "cfg"):
-        from .random_model import weight_bytes_per_step
-
-        weights = weight_bytes_per_step(runner.model, B)
+    weights = step_weights(runner)
     capture0 = runner.capture_seconds
     t0 = wall_clock(dev)
     pending = sample(logits, sampling, generator)
@@ -364,7 +370,7 @@ def _count(stats, control: DraftLength, resa: ResaConfig, before: Sequence[int],
     stats.sparse_steps += w
     for b in active:
         n, k = before[b], counts[b]
-        stats.kv_tokens_dense += k * n + k * (k + 1) // 2  # dense decoding of the same k tokens
+        stats.kv_tokens_dense += dense_reads(n, k)  # dense decoding of the same k tokens
         if w == 0:
             stats.kv_tokens_read += n + 1
             continue
